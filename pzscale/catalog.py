@@ -1,0 +1,285 @@
+"""The sharded Zarr v3 catalog: layout, shard-aligned writes, done markers, and reading.
+
+One Zarr group per collection of images; every per-image array is 1-D (or leads with)
+the ``image`` dimension and is sharded with the same shard length, so one task owns
+shard ``i`` of every array and each write is one object per array (atomic on S3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+from typing import Any
+
+import fsspec
+import numpy as np
+import xarray as xr
+import zarr
+
+from pzscale import images
+from pzscale.errors import CatalogError, ShardAlignmentError
+from pzscale.schema import BY_NAME, VARIABLE_NAMES, VARIABLES
+
+DEFAULT_SHARD_LEN = 16384
+BYTES_INNER_CHUNK = 64  # encoded images per inner chunk: the random-read unit (~0.3-1 MB)
+BYTES_READ_CHUNK = 1024  # dask chunk of image_bytes in open_catalog: cheap random access
+LAYOUT_VERSION = 1
+ATTRS_KEY = "pzscale"
+DIM = "image"
+
+# image_bytes uses zarr's vlen-bytes data type on purpose (lossless, row-aligned encoded
+# images); zarr warns on every open that the type is not yet in the v3 spec.
+warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
+# Done markers live under <catalog>/_done/, which zarr lists as an unknown member.
+warnings.filterwarnings("ignore", message="Object at _done is not recognized", category=UserWarning)
+
+
+# ---------------------------------------------------------------- URLs and stores
+
+
+def check_url(url: str) -> None:
+    """Raise a one-line CatalogError for a URL whose scheme fsspec cannot serve here."""
+    protocol = fsspec.utils.get_protocol(str(url))
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise CatalogError(
+            f"{url}: unknown URL scheme '{protocol}://'; use a local path, file://, s3:// or "
+            "another fsspec protocol"
+        ) from None
+    except ImportError as e:
+        extra = " (pip install 'pzscale[s3]')" if protocol in ("s3", "s3a") else ""
+        raise CatalogError(f"{url}: '{protocol}://' needs a package that is missing{extra}: {e}") from None
+
+
+def _fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    check_url(url)
+    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+
+
+def exists(url: str, *, storage_options: dict | None = None) -> bool:
+    fs, root = _fs(url, storage_options)
+    return fs.exists(f"{root}/zarr.json")
+
+
+# ---------------------------------------------------------------- layout
+
+
+def shard_ranges(row_start: int, row_stop: int, shard_len: int) -> list[tuple[int, int, int]]:
+    """(shard index, first row, stop row) of every shard touched by rows [row_start, row_stop)."""
+    first, last = row_start // shard_len, -(-row_stop // shard_len)
+    return [
+        (i, max(i * shard_len, row_start), min((i + 1) * shard_len, row_stop))
+        for i in range(first, last)
+    ]
+
+
+def check_aligned(start: int, stop: int, n_rows: int, shard_len: int) -> None:
+    """A write must cover whole shards: a partial shard write is a lost-update race."""
+    if start % shard_len or not (stop % shard_len == 0 or stop == n_rows) or stop <= start:
+        raise ShardAlignmentError(
+            f"rows [{start}, {stop}) are not whole shards of length {shard_len} "
+            f"in a catalog of {n_rows} rows"
+        )
+
+
+def _array_kwargs(var_name: str, shard_len: int) -> dict[str, Any]:
+    var = BY_NAME[var_name]
+    if var.dtype == "bytes":
+        # Encoded PNG/JPEG does not compress further; small inner chunks keep random reads cheap.
+        inner = min(BYTES_INNER_CHUNK, shard_len)
+        return dict(dtype=zarr.dtype.VariableLengthBytes(), chunks=(inner,), compressors=None)
+    dtype = str if var.dtype == "str" else var.dtype
+    return dict(dtype=dtype, fill_value=var.fill, chunks=(shard_len,))
+
+
+def create(
+    url: str, *, n_rows: int, shard_len: int = DEFAULT_SHARD_LEN, storage_options: dict | None = None
+) -> zarr.Group:
+    """Create an empty catalog of ``n_rows`` rows; every array is sharded by ``shard_len`` rows."""
+    if shard_len <= 0 or (shard_len > BYTES_INNER_CHUNK and shard_len % BYTES_INNER_CHUNK):
+        raise CatalogError(f"shard length {shard_len} must be a positive multiple of {BYTES_INNER_CHUNK}")
+    if exists(url, storage_options=storage_options):
+        raise CatalogError(f"{url}: a catalog already exists here")
+    group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options)
+    for var in VARIABLES:
+        attrs = {"description": var.description}
+        if var.units:
+            attrs["units"] = var.units
+        if var.name == "time":
+            attrs["calendar"] = "proleptic_gregorian"
+        group.create_array(
+            var.name,
+            shape=(n_rows,),
+            shards=(shard_len,),
+            dimension_names=[DIM],
+            attributes=attrs,
+            **_array_kwargs(var.name, shard_len),
+        )
+    group.attrs[ATTRS_KEY] = {
+        "layout": LAYOUT_VERSION,
+        "version": version("pzscale"),
+        "shard_len": shard_len,
+        "plans": [],
+        "stages": {},
+    }
+    return group
+
+
+def open_group(url: str, *, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """Open a catalog group and check that it is one pzscale wrote, with aligned shards."""
+    if not exists(url, storage_options=storage_options):
+        raise CatalogError(f"{url}: no catalog here (no zarr.json)")
+    group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options)
+    meta = group.attrs.get(ATTRS_KEY)
+    if not meta or meta.get("layout") != LAYOUT_VERSION:
+        raise CatalogError(f"{url}: not a pzscale catalog of layout {LAYOUT_VERSION}")
+    n_rows, shard_len = n_rows_of(group), meta["shard_len"]
+    for name, arr in group.arrays():
+        if arr.shape[0] != n_rows or (arr.shards or arr.chunks)[0] != shard_len:
+            raise CatalogError(
+                f"{url}: array {name} has shape {arr.shape} and shards {arr.shards}; "
+                f"expected {n_rows} rows in shards of {shard_len}"
+            )
+    return group
+
+
+def metadata(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs[ATTRS_KEY])
+
+
+def update_metadata(group: zarr.Group, **changes: Any) -> None:
+    """Update pzscale's group attributes. Only the client calls this, never a shard task."""
+    meta = metadata(group)
+    meta.update(changes)
+    group.attrs[ATTRS_KEY] = meta
+
+
+def n_rows_of(group: zarr.Group) -> int:
+    return group["image_id"].shape[0]
+
+
+def resize(group: zarr.Group, n_rows: int) -> None:
+    """Grow every per-image array to ``n_rows`` (only grows; existing shards stay as they are)."""
+    for _, arr in group.arrays():
+        if arr.shape[0] < n_rows:
+            arr.resize((n_rows, *arr.shape[1:]))
+
+
+def write_rows(group: zarr.Group, start: int, stop: int, columns: dict[str, np.ndarray]) -> None:
+    """Write whole shards [start, stop) of every catalog variable."""
+    missing = set(VARIABLE_NAMES) - set(columns)
+    if missing:
+        raise CatalogError(f"write of rows [{start}, {stop}) lacks variables {sorted(missing)}")
+    n_rows, shard_len = n_rows_of(group), metadata(group)["shard_len"]
+    check_aligned(start, stop, n_rows, shard_len)
+    for name in VARIABLE_NAMES:
+        values = columns[name]
+        if len(values) != stop - start:
+            raise CatalogError(f"variable {name} has {len(values)} values for {stop - start} rows")
+        group[name][start:stop] = values
+
+
+def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = VARIABLE_NAMES) -> dict:
+    return {name: group[name][start:stop] for name in names}
+
+
+# ---------------------------------------------------------------- done markers
+
+
+def _marker_dir(root: str, stage: str) -> str:
+    return f"{root}/_done/{stage}"
+
+
+def mark_done(url: str, stage: str, shard: int, info: dict, *, storage_options: dict | None = None) -> None:
+    """Record that ``stage`` finished ``shard``. Call only after every array of the shard is written."""
+    fs, root = _fs(url, storage_options)
+    fs.makedirs(_marker_dir(root, stage), exist_ok=True)
+    body = json.dumps({"stage": stage, "shard": shard, "pzscale": version("pzscale"), **info})
+    fs.pipe_file(f"{_marker_dir(root, stage)}/{shard:06d}.json", body.encode())
+
+
+def done_shards(url: str, stage: str, *, storage_options: dict | None = None) -> set[int]:
+    """Shards with a done marker for ``stage``: one LIST, never a read of the data."""
+    fs, root = _fs(url, storage_options)
+    try:
+        names = fs.ls(_marker_dir(root, stage), detail=False)
+    except FileNotFoundError:
+        return set()
+    return {int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names if n.endswith(".json")}
+
+
+def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, set[int]]:
+    """Every stage with markers, and its finished shards."""
+    fs, root = _fs(url, storage_options)
+    try:
+        found = fs.find(f"{root}/_done")
+    except FileNotFoundError:
+        return {}
+    stages: dict[str, set[int]] = {}
+    prefix = f"{root}/_done/"
+    for path in found:
+        if path.endswith(".json") and path.startswith(prefix):
+            stage, name = path[len(prefix) :].rsplit("/", 1)
+            stages.setdefault(stage, set()).add(int(name.split(".")[0]))
+    return stages
+
+
+# ---------------------------------------------------------------- reading
+
+
+def open_catalog(url: str, *, storage_options: dict | None = None) -> xr.Dataset:
+    """Open a catalog as one lazy xarray Dataset along the ``image`` dimension.
+
+    Dask chunks equal the shard length, so ``map_blocks`` over the dataset runs one task
+    per shard; ``image_bytes`` is chunked finer so a few rows can be read cheaply.
+    """
+    group = open_group(url, storage_options=storage_options)
+    shard_len = metadata(group)["shard_len"]
+    kwargs = dict(consolidated=False, storage_options=storage_options, zarr_format=3)
+    ds = xr.open_zarr(url, chunks={DIM: shard_len}, drop_variables=["image_bytes"], **kwargs)
+    encoded = xr.open_zarr(url, chunks={DIM: min(BYTES_READ_CHUNK, shard_len)}, **kwargs)
+    ds["image_bytes"] = encoded["image_bytes"]
+    ds = ds[list(VARIABLE_NAMES)]
+    ds.attrs = {ATTRS_KEY: metadata(group)}
+    return ds
+
+
+def read_images(
+    catalog: str | xr.Dataset, rows: Sequence[int] | np.ndarray, *, storage_options: dict | None = None
+) -> list[np.ndarray]:
+    """Lossless pixels of ``rows``: exactly what decoding the source's bytes gives.
+
+    ``catalog`` is a URL (rows are catalog rows) or a Dataset from ``open_catalog``,
+    possibly subset (rows are positions in that Dataset). Rows that failed to decode at
+    ingest raise here too; check ``status`` first.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(catalog, xr.Dataset):
+        encoded = catalog["image_bytes"].isel({DIM: rows}).values
+    else:
+        group = open_group(catalog, storage_options=storage_options)
+        encoded = group["image_bytes"].get_orthogonal_selection((rows,))
+    return [images.decode(bytes(b)) for b in encoded]
+
+
+def checksums(url: str, *, storage_options: dict | None = None) -> dict[str, str]:
+    """sha256 of every array's content, read one shard at a time (memory stays flat)."""
+    group = open_group(url, storage_options=storage_options)
+    n_rows, shard_len = n_rows_of(group), metadata(group)["shard_len"]
+    out = {}
+    for name, arr in sorted(group.arrays()):
+        digest = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
+        for _, start, stop in shard_ranges(0, n_rows, shard_len):
+            block = arr[start:stop]
+            if block.dtype.kind in "OTU" or block.dtype == object:
+                for value in block:
+                    item = value.encode() if isinstance(value, str) else bytes(value)
+                    digest.update(len(item).to_bytes(8, "little") + item)
+            else:
+                digest.update(np.ascontiguousarray(block).tobytes())
+        out[name] = digest.hexdigest()
+    return out

@@ -1,0 +1,67 @@
+"""Summaries of a catalog: rows, sources, label coverage, row status, stages done."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import dask
+import numpy as np
+
+from pzscale import catalog
+
+
+def _count_shard(url: str, start: int, stop: int, storage_options: dict | None) -> dict:
+    group = catalog.open_group(url, storage_options=storage_options)
+    cols = catalog.read_rows(group, start, stop, ["source", "status", "lineage", "proposed_label"])
+    return {
+        "sources": Counter(cols["source"].tolist()),
+        "status": Counter(cols["status"].tolist()),
+        "with_lineage": int(np.count_nonzero(cols["lineage"] != "")),
+        "with_label": int(np.count_nonzero(cols["proposed_label"] != "")),
+    }
+
+
+def summarize(url: str, *, storage_options: dict | None = None) -> dict:
+    """Counts over the whole catalog, one task per shard (memory stays flat as it grows)."""
+    group = catalog.open_group(url, storage_options=storage_options)
+    meta = catalog.metadata(group)
+    n_rows, shard_len = catalog.n_rows_of(group), meta["shard_len"]
+    ranges = catalog.shard_ranges(0, n_rows, shard_len)
+    parts = dask.compute(*[dask.delayed(_count_shard)(url, a, b, storage_options) for _, a, b in ranges])
+    total: dict = {"sources": Counter(), "status": Counter(), "with_lineage": 0, "with_label": 0}
+    for p in parts:
+        for key in total:
+            total[key] += p[key]
+    stages = catalog.stages_done(url, storage_options=storage_options)
+    plans = []
+    for p in meta["plans"]:
+        expected = len(catalog.shard_ranges(p["row_start"], p["row_stop"], shard_len))
+        done = len(stages.get(f"ingest/{p['id']}", ()))
+        plans.append({"id": p["id"], "rows": [p["row_start"], p["row_stop"]], "files": len(p["files"]),
+                      "shards_done": done, "shards": expected})
+    return {
+        "url": url, "rows": n_rows, "shard_len": shard_len, "shards": len(ranges),
+        "version": meta["version"], "sources": dict(total["sources"]), "status": dict(total["status"]),
+        "with_lineage": total["with_lineage"], "with_label": total["with_label"],
+        "plans": plans,
+        "stages": {s: len(v) for s, v in stages.items() if not s.startswith("ingest/")},
+    }
+
+
+def format_summary(s: dict) -> str:
+    rows = max(s["rows"], 1)
+    lines = [
+        f"catalog {s['url']}",
+        f"  {s['rows']:,} images in {s['shards']} shard(s) of {s['shard_len']:,} rows (pzscale {s['version']})",
+        "  sources: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["sources"].items())),
+        f"  labelled: {s['with_label']:,} ({100 * s['with_label'] / rows:.1f}%), "
+        f"with taxonomic lineage: {s['with_lineage']:,} ({100 * s['with_lineage'] / rows:.1f}%)",
+        "  status: " + ", ".join(f"{k or 'unwritten'} {v:,}" for k, v in sorted(s["status"].items())),
+    ]
+    for p in s["plans"]:
+        state = "complete" if p["shards_done"] == p["shards"] else "INCOMPLETE: rerun ingest to resume"
+        lines.append(f"  ingest {p['id']}: rows {p['rows'][0]:,}..{p['rows'][1]:,} from {p['files']} file(s), "
+                     f"{p['shards_done']}/{p['shards']} shards done ({state})")
+    for stage, n in sorted(s["stages"].items()):
+        lines.append(f"  {stage}: {n}/{s['shards']} shards done")
+    return "\n".join(lines)

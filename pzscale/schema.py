@@ -1,0 +1,144 @@
+"""The catalog contract: per-image variables, their dtypes and fill values, and the
+Planktonzilla parquet columns they come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+STATUS_OK = "ok"
+STATUS_DECODE_ERROR = "decode_error"
+STATUS_MISSING_IMAGE = "missing_image"
+
+TIME_UNITS = "milliseconds since 1970-01-01T00:00:00"
+TIME_FILL = np.iinfo(np.int64).min  # decoded as NaT by xarray
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    dtype: str  # "str", "bytes" (variable length) or a numpy dtype name
+    fill: object
+    description: str
+    units: str | None = None
+
+
+def _s(name: str, description: str) -> Variable:
+    return Variable(name, "str", "", description)
+
+
+VARIABLES: tuple[Variable, ...] = (
+    _s("image_id", "unique, stable id: '<source>:<original id>'"),
+    _s("source", "collection the image comes from (Planktonzilla 'dataset')"),
+    _s("instrument", "imaging instrument family"),
+    _s("original_label", "label as given by the source"),
+    _s("original_path", "path of the image in the source archive"),
+    _s("object_id", "object id in the source (EcoTaxa objid, IFCB ROI, ...)"),
+    *(_s(rank, f"harmonised taxonomy: {rank}") for rank in RANKS),
+    _s("lineage", "lowercase non-empty ranks joined by spaces (Planktonzilla text format)"),
+    _s("proposed_label", "harmonised label (binomial at species level)"),
+    Variable("plankton", "bool", False, "true for living plankton (false also when unknown)"),
+    _s("root_class", "living, detritus, artefact or inert ('' when unknown)"),
+    _s("qualifier", "full_body, larvae, part_head, ... ('' when none)"),
+    Variable("aphia_id", "int64", 0, "WoRMS AphiaID (0 = none)"),
+    _s("wikidata_id", "Wikidata Q-id"),
+    _s("ecotaxa_id", "EcoTaxa taxon id(s), ';'-joined"),
+    _s("ncbi_id", "NCBI taxonomy id"),
+    _s("bold_id", "BOLD id"),
+    Variable("lat", "float64", np.nan, "latitude of the sample", "degrees_north"),
+    Variable("lon", "float64", np.nan, "longitude of the sample", "degrees_east"),
+    Variable("depth_min", "float32", np.nan, "shallowest depth sampled", "m"),
+    Variable("depth_max", "float32", np.nan, "deepest depth sampled", "m"),
+    Variable("time", "int64", TIME_FILL, "sampling time, UTC", TIME_UNITS),
+    Variable(
+        "instrument_temperature", "float32", np.nan,
+        "instrument housing temperature (not seawater)", "degree_Celsius",
+    ),
+    Variable("instrument_humidity", "float32", np.nan, "instrument housing humidity", "percent"),
+    _s("license", "licence of the image"),
+    _s("license_url", "licence URL"),
+    Variable("height", "int32", 0, "image height", "pixel"),
+    Variable("width", "int32", 0, "image width", "pixel"),
+    _s("mode", "PIL pixel mode of the decoded image (L, RGB, I;16, ...)"),
+    _s("status", "ok, decode_error or missing_image"),
+    _s("error", "why the row is not ok ('' when ok)"),
+    Variable("image_bytes", "bytes", b"", "the source's encoded image, byte for byte"),
+)
+
+VARIABLE_NAMES = tuple(v.name for v in VARIABLES)
+BY_NAME = {v.name: v for v in VARIABLES}
+
+# Planktonzilla-17M parquet schema (planktonzilla constants.CONSOLIDATED_COLUMNS).
+# v1.0 shards carry the first 22 columns; v1.1 adds the ids, timestamp and licences.
+PARQUET_REQUIRED = (
+    "image", "dataset", "original_label", "original_path",
+    "Kingdom", "Phylum", "Class", "Order", "Family", "Genus", "Species",
+    "proposed_label", "plankton", "root_class", "qualifier",
+    "Latitude", "Humidity", "Temperature", "Longitude", "ObjID", "Depth_max", "Depth_min",
+)
+PARQUET_OPTIONAL = (
+    "wikidata_ID", "ecotaxa_ID", "aphia_ID", "NCBI_ID", "BOLD_ID", "timestamp", "license", "license_url",
+)
+PARQUET_COLUMNS = PARQUET_REQUIRED + PARQUET_OPTIONAL
+
+# catalog variable <- parquet column, for the columns copied as text
+TEXT_FROM_PARQUET = {
+    "source": "dataset",
+    "original_label": "original_label",
+    "original_path": "original_path",
+    "object_id": "ObjID",
+    **{rank: rank.capitalize() for rank in RANKS},
+    "proposed_label": "proposed_label",
+    "root_class": "root_class",
+    "qualifier": "qualifier",
+    "wikidata_id": "wikidata_ID",
+    "ecotaxa_id": "ecotaxa_ID",
+    "ncbi_id": "NCBI_ID",
+    "bold_id": "BOLD_ID",
+    "license": "license",
+    "license_url": "license_url",
+}
+NUMBER_FROM_PARQUET = {
+    "lat": "Latitude",
+    "lon": "Longitude",
+    "depth_min": "Depth_min",
+    "depth_max": "Depth_max",
+    "instrument_temperature": "Temperature",
+    "instrument_humidity": "Humidity",
+}
+
+# Instrument family of each Planktonzilla source (planktonzilla.md section 1).
+SOURCE_INSTRUMENTS = {
+    "global_uvp5": "UVP5",
+    "whoi": "IFCB",
+    "jedioceans": "CPICS",
+    "zooscan": "ZooScan",
+    "zoocamnet": "ZooCAM",
+    "uvp6net": "UVP6",
+    "isiisnet": "ISIIS",
+    "flowcamnet": "FlowCam",
+    "planktoscope": "PlanktoScope",
+    "medplanktonset": "IFCB",
+    "syke_ifcb_2022": "IFCB",
+    "planktonset1.0": "ISIIS-2",
+    "sykezooscan2024": "ZooScan",
+    "zoolake": "DSPC",
+    "lensless": "Lensless",
+}
+
+
+def lineage(ranks: list[str | None]) -> str:
+    """Planktonzilla lineage text: lowercase non-empty ranks joined by single spaces."""
+    return " ".join(r.strip().lower() for r in ranks if r and r.strip())
+
+
+def instrument_of(source: str) -> str:
+    """Instrument family for a source name; sources named '<anything>_<instrument>' map by suffix."""
+    if source in SOURCE_INSTRUMENTS:
+        return SOURCE_INSTRUMENTS[source]
+    suffix = source.rsplit("_", 1)[-1].lower()
+    by_family = {v.lower(): v for v in SOURCE_INSTRUMENTS.values()}
+    return by_family.get(suffix, "")
