@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -28,7 +28,12 @@ def probe(data: bytes | None) -> tuple[int, int, str]:
     """
     if not data:
         raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO object's address, which differs every run.
+        raise ValueError(f"not a recognised image format (starts with {data[:8]!r})") from None
+    with img:
         img.load()
         return img.height, img.width, img.mode
 

@@ -1,0 +1,40 @@
+"""Shared fixtures.
+
+- ``client``: one distributed LocalCluster of 2 worker processes for the session.
+- ``synth_dir``: a synthetic Planktonzilla collection (parquet + truth.json), made once.
+- ``clean_catalog``: that collection ingested without interruption, and its checksums;
+  the reference that interrupted, resumed and appended runs are compared with.
+"""
+
+from __future__ import annotations
+
+import pytest
+from distributed import Client, LocalCluster
+
+from pzscale import catalog
+from pzscale.ingest import ingest
+from pzscale.synth import synth
+
+SHARD_LEN = 64
+N_IMAGES = 1200
+
+
+@pytest.fixture(scope="session")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth(out, images=N_IMAGES, seed=7, rows_per_file=500, row_group_size=100)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clean_catalog(synth_dir, client, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("clean") / "catalog.zarr")
+    report = ingest([str(synth_dir)], url, shard_len=SHARD_LEN, client=client, progress=False)
+    return url, report, catalog.checksums(url)
