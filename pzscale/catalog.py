@@ -37,7 +37,9 @@ DIM = "image"
 # image_bytes uses zarr's vlen-bytes data type on purpose (lossless, row-aligned encoded
 # images); zarr warns on every open that the type is not yet in the v3 spec.
 warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
-MARKERS = "_done"  # a zarr subgroup, so that listing the catalog's members stays clean
+# pzscale's own objects (done markers, ingest plans) live in this zarr subgroup, so that
+# listing the catalog's members stays clean.
+PRIVATE = "_pzscale"
 
 
 # ---------------------------------------------------------------- URLs and stores
@@ -122,8 +124,8 @@ def create(
             "plans": plans or [], "stages": {}}
     group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options,
                             attributes={ATTRS_KEY: meta})
-    group.create_group(MARKERS, attributes={
-        "description": "done markers: <stage>/<shard>.json, written after a shard's arrays"})
+    group.create_group(PRIVATE, attributes={
+        "description": "done/<stage>/<shard>.json markers (written after a shard's arrays), plans/<id>.json"})
     ensure_rows(group, n_rows)
     return group
 
@@ -227,7 +229,23 @@ def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = V
 
 
 def _marker_dir(root: str, stage: str) -> str:
-    return f"{root}/{MARKERS}/{stage}"
+    return f"{root}/{PRIVATE}/done/{stage}"
+
+
+def put_json(url: str, key: str, obj: Any, *, storage_options: dict | None = None) -> None:
+    """Store a JSON object under the catalog's private prefix (``_pzscale/<key>``)."""
+    fs, root = _fs(url, storage_options)
+    path = f"{root}/{PRIVATE}/{key}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(obj).encode())
+
+
+def get_json(url: str, key: str, *, storage_options: dict | None = None) -> Any:
+    fs, root = _fs(url, storage_options)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{PRIVATE}/{key}"))
+    except FileNotFoundError:
+        raise CatalogError(f"{url}: missing {PRIVATE}/{key}") from None
 
 
 def mark_done(url: str, stage: str, shard: int, info: dict, *, storage_options: dict | None = None) -> None:
@@ -252,11 +270,11 @@ def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, s
     """Every stage with markers, and its finished shards."""
     fs, root = _fs(url, storage_options)
     try:
-        found = fs.find(f"{root}/{MARKERS}")
+        found = fs.find(f"{root}/{PRIVATE}/done")
     except FileNotFoundError:
         return {}
     stages: dict[str, set[int]] = {}
-    prefix = f"{root}/{MARKERS}/"
+    prefix = f"{root}/{PRIVATE}/done/"
     for path in found:
         if path.endswith(".json") and path.startswith(prefix) and "/" in path[len(prefix) :]:
             stage, name = path[len(prefix) :].rsplit("/", 1)

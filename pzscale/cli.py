@@ -46,26 +46,42 @@ def synth(
     images: Annotated[int, typer.Option("--images", "-n", help="number of rows")] = 2000,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     rows_per_file: Annotated[int, typer.Option(help="rows per parquet shard")] = 1000,
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="parquet (Planktonzilla shards) or ifcb (raw v2 bins)")] = "parquet",
 ) -> None:
-    """Write synthetic Planktonzilla-format parquet shards with planted duplicates and corrupt rows."""
-    from pzscale.synth import synth as make
+    """Write synthetic Planktonzilla parquet shards (planted duplicates, corrupt rows) or IFCB bins."""
+    from pzscale import synth as make
 
-    truth = make(out, images=images, seed=seed, rows_per_file=rows_per_file)
+    if format == "ifcb":
+        truth = make.synth_ifcb(out, images=images, seed=seed)
+        typer.echo(f"wrote {images} ROIs in {len(truth['bins'])} IFCB bins to {out} ({out / 'truth.json'})")
+        return
+    if format != "parquet":
+        raise typer.BadParameter(f"--format must be parquet or ifcb, not {format!r}")
+    truth = make.synth(out, images=images, seed=seed, rows_per_file=rows_per_file)
     typer.echo(f"wrote {images} rows to {out} ({len(truth['duplicates'])} planted duplicates, "
                f"{len(truth['corrupt'])} corrupt rows; ground truth in {out / 'truth.json'})")
 
 
 @app.command()
 def ingest(
-    sources: Annotated[list[str], typer.Argument(help="parquet files, folders or globs")],
+    sources: Annotated[list[str], typer.Argument(help="files or folders: parquet, IFCB bins, EcoTaxa, archives")],
     catalog_url: CatalogOpt,
+    format: Annotated[str | None, typer.Option(
+        "--format", "-f", help="reader name (see `pzscale readers`); default: guessed per source")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="collection name for inputs that do not carry one (IFCB bins, class folders)")] = None,
+    taxonomy: Annotated[str | None, typer.Option(
+        help="Planktonzilla-format taxonomy CSV (path or URL) mapping (source, raw label) to ranks")] = None,
+    taxonomy_source: Annotated[str | None, typer.Option(
+        help="use this Dataset's rows of the taxonomy table for every image (e.g. global_uvp5)")] = None,
     shard_len: Annotated[int | None, typer.Option(help="rows per shard (new catalogs; default 16384)")] = None,
     append: Annotated[bool, typer.Option(help="add these sources to an existing catalog")] = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Ingest Planktonzilla parquet shards into a catalog (resumable: rerun to continue)."""
+    """Ingest images and their metadata into a catalog (resumable: rerun to continue)."""
     from pzscale.cluster import connect
     from pzscale.ingest import ingest as run
 
@@ -73,11 +89,58 @@ def ingest(
     try:
         catalog.check_url(catalog_url)
         with connect(scheduler, n_workers=workers) as client:
-            report = run(sources, catalog_url, shard_len=shard_len, append=append, client=client,
+            report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
+                         taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
                          storage_options=so)
     except PzscaleError as e:
         _fail(e)
     typer.echo(str(report))
+
+
+@app.command("readers")
+def readers_cmd() -> None:
+    """List the input formats pzscale can ingest (built-in and from installed plugins)."""
+    from pzscale import readers
+
+    for name in readers.available():
+        try:
+            typer.echo(f"{name:12s} {readers.get(name).description}")
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not hide the others
+            typer.echo(f"{name:12s} (cannot load: {e})")
+
+
+taxonomy_app = typer.Typer(help="Taxonomy harmonisation.", no_args_is_help=True)
+app.add_typer(taxonomy_app, name="taxonomy")
+
+
+@taxonomy_app.command("report")
+def taxonomy_report(
+    catalog_url: CatalogOpt,
+    table: Annotated[str | None, typer.Option(help="Planktonzilla-format taxonomy CSV to check as well")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for unmapped.csv and conflicts.csv")] = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Unmapped (source, raw label) pairs with counts, and raw labels mapped to different lineages."""
+    from pzscale import taxonomy as tax
+
+    so = _storage_options(storage_options)
+    try:
+        pairs = tax.catalog_mappings(info.label_mappings(catalog_url, storage_options=so))
+        table_df = tax.read_table(table, storage_options=so) if table else None
+    except PzscaleError as e:
+        _fail(e)
+    unmapped = tax.unmapped(pairs, table_df)
+    conflicts = tax.conflicts(pairs if table_df is None else tax.table_mappings(table_df))
+    typer.echo(f"unmapped (source, raw label): {len(unmapped)} pair(s), {int(unmapped['images'].sum()):,} images")
+    typer.echo(unmapped.head(30).to_string(index=False) if len(unmapped) else "  none")
+    where = "taxonomy table" if table else "catalog"
+    typer.echo(f"\nraw labels mapped to different lineages ({where}): {conflicts['raw_label'].nunique()}")
+    typer.echo(conflicts[["raw_label", "source", "lineage"]].to_string(index=False) if len(conflicts) else "  none")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        unmapped.to_csv(out / "unmapped.csv", index=False)
+        conflicts.to_csv(out / "conflicts.csv", index=False)
+        typer.echo(f"\nwrote {out / 'unmapped.csv'} and {out / 'conflicts.csv'}")
 
 
 @app.command("info")
@@ -97,10 +160,12 @@ def demo(
     images: Annotated[int, typer.Option("--images", "-n")] = 6000,
     workers: WorkersOpt = None,
 ) -> None:
-    """Synthesise a small Planktonzilla collection, ingest it on a local cluster and summarise it."""
+    """Synthesise a Planktonzilla collection and a cruise of raw IFCB bins, ingest both into one
+    catalog on a local cluster and summarise it."""
     from pzscale.cluster import connect
     from pzscale.ingest import ingest as run
     from pzscale.synth import synth as make
+    from pzscale.synth import synth_ifcb
 
     marker = out / ".pzscale-demo"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -110,9 +175,15 @@ def demo(
     marker.touch()
     parquet, url = out / "parquet", str(out / "catalog.zarr")
     truth = make(parquet, images=images, seed=0, rows_per_file=2000)
-    typer.echo(f"synthesised {images} images in {parquet}")
+    bins = out / "ifcb"
+    n_rois = max(100, images // 5)
+    synth_ifcb(bins, images=n_rois, seed=0)
+    typer.echo(f"synthesised {images} images in {parquet} and {n_rois} IFCB ROIs in raw bins under {bins}")
     with connect(n_workers=workers) as client:
         report = run([str(parquet)], url, shard_len=1024, client=client)
+        typer.echo(str(report))
+        typer.echo("appending the IFCB cruise (native format) to the same catalog:")
+        report = run([str(bins)], url, format="ifcb", source="demo_cruise_ifcb", append=True, client=client)
     typer.echo(str(report))
     typer.echo(info.format_summary(info.summarize(url)))
     grid = out / "sample_grid.png"

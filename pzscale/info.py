@@ -21,6 +21,21 @@ def _count_shard(url: str, start: int, stop: int, storage_options: dict | None) 
     }
 
 
+def _label_shard(url: str, start: int, stop: int, storage_options: dict | None) -> Counter:
+    group = catalog.open_group(url, storage_options=storage_options)
+    cols = catalog.read_rows(group, start, stop, ["source", "original_label", "lineage"])
+    return Counter(zip(cols["source"].tolist(), cols["original_label"].tolist(), cols["lineage"].tolist(),
+                       strict=True))
+
+
+def label_mappings(url: str, *, storage_options: dict | None = None) -> Counter:
+    """Image counts by (source, original label, lineage) over the catalog, one task per shard."""
+    group = catalog.open_group(url, storage_options=storage_options)
+    ranges = catalog.shard_ranges(0, catalog.n_rows_of(group), catalog.metadata(group)["shard_len"])
+    parts = dask.compute(*[dask.delayed(_label_shard)(url, a, b, storage_options) for _, a, b in ranges])
+    return sum(parts, Counter())
+
+
 def summarize(url: str, *, storage_options: dict | None = None) -> dict:
     """Counts over the whole catalog, one task per shard (memory stays flat as it grows)."""
     group = catalog.open_group(url, storage_options=storage_options)
@@ -37,7 +52,8 @@ def summarize(url: str, *, storage_options: dict | None = None) -> dict:
     for p in meta["plans"]:
         expected = len(catalog.shard_ranges(p["row_start"], p["row_stop"], shard_len))
         done = len(stages.get(f"ingest/{p['id']}", ()))
-        plans.append({"id": p["id"], "rows": [p["row_start"], p["row_stop"]], "files": len(p["files"]),
+        plans.append({"id": p["id"], "rows": [p["row_start"], p["row_stop"]], "items": p["items"],
+                      "input_errors": p.get("input_errors", 0), "readers": p.get("readers", []),
                       "shards_done": done, "shards": expected})
     return {
         "url": url, "rows": n_rows, "shard_len": shard_len, "shards": len(ranges),
@@ -60,8 +76,9 @@ def format_summary(s: dict) -> str:
     ]
     for p in s["plans"]:
         state = "complete" if p["shards_done"] == p["shards"] else "INCOMPLETE: rerun ingest to resume"
-        lines.append(f"  ingest {p['id']}: rows {p['rows'][0]:,}..{p['rows'][1]:,} from {p['files']} file(s), "
-                     f"{p['shards_done']}/{p['shards']} shards done ({state})")
+        skipped = f", {p['input_errors']} skipped" if p["input_errors"] else ""
+        lines.append(f"  ingest {p['id']} ({'+'.join(p['readers'])}): rows {p['rows'][0]:,}..{p['rows'][1]:,} "
+                     f"from {p['items']} input(s){skipped}, {p['shards_done']}/{p['shards']} shards done ({state})")
     for stage, n in sorted(s["stages"].items()):
         lines.append(f"  {stage}: {n}/{s['shards']} shards done")
     return "\n".join(lines)

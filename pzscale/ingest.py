@@ -1,13 +1,15 @@
-"""Ingest Planktonzilla-format parquet shards into a catalog: plan, then write.
+"""Ingest any supported input into a catalog: plan, then write.
 
-The plan reads parquet footers only and gives every input row a deterministic catalog
-row. The write runs one Dask task per catalog shard; a task writes whole shards of every
-array and then, last, a done marker, so a rerun resumes where a previous run stopped.
+The plan asks a reader (by ``format`` or by guess) for items with exact row counts and
+gives every input row a deterministic catalog row; it is stored in the catalog. The write
+runs one Dask task per catalog shard: it reads its rows from the items, turns them into
+catalog variables (taxonomy, metadata in standard units with QC flags, per-row decode
+status), writes whole shards of every array and then, last, a done marker, so a rerun
+resumes where a previous run stopped.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -16,23 +18,21 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from importlib.metadata import version
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from distributed import Client, get_client
 
-from pzscale import catalog, images
+from pzscale import catalog, images, readers, taxonomy
 from pzscale.errors import CatalogError, InputError, StageError
 from pzscale.progress import run_shards
+from pzscale.readers.base import Item
 from pzscale.schema import (
     NUMBER_FROM_PARQUET,
-    PARQUET_COLUMNS,
-    PARQUET_REQUIRED,
     RANKS,
     STATUS_DECODE_ERROR,
     STATUS_MISSING_IMAGE,
@@ -50,24 +50,17 @@ STAGE = "ingest"
 
 
 @dataclass(frozen=True)
-class SourceFile:
-    path: str
-    size: int
-    rows: int
-    row_groups: tuple[int, ...]  # rows per parquet row group
-    columns: tuple[str, ...]  # Planktonzilla columns present
-
-
-@dataclass(frozen=True)
 class Plan:
     id: str
-    files: tuple[SourceFile, ...]
+    readers: tuple[str, ...]  # reader name of each item
+    items: tuple[Item, ...]
     row_start: int
     shard_len: int
+    sources: tuple[str, ...] = ()  # what the user named
 
     @property
     def rows(self) -> int:
-        return sum(f.rows for f in self.files)
+        return sum(i.rows for i in self.items)
 
     @property
     def row_stop(self) -> int:
@@ -77,126 +70,64 @@ class Plan:
     def stage(self) -> str:
         return f"{STAGE}/{self.id}"
 
+    @property
+    def errors(self) -> list[str]:
+        return [i.error for i in self.items if i.error]
+
     def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "row_start": self.row_start,
-            "row_stop": self.row_stop,
-            "shard_len": self.shard_len,
-            "files": [asdict(f) for f in self.files],
-        }
+        return {"id": self.id, "readers": list(self.readers), "items": [asdict(i) for i in self.items],
+                "row_start": self.row_start, "shard_len": self.shard_len, "sources": list(self.sources)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(d["id"], tuple(d["readers"]), tuple(Item(**i) for i in d["items"]), d["row_start"],
+                   d["shard_len"], tuple(d.get("sources", ())))
 
     def shard_tasks(self) -> list[dict]:
-        """One task per catalog shard: its rows and the parquet row ranges that fill them."""
+        """One task per catalog shard: its rows and the (item, first, stop) ranges that fill them."""
         tasks = []
         for shard, start, stop in catalog.shard_ranges(self.row_start, self.row_stop, self.shard_len):
             segments, row = [], self.row_start
-            for f in self.files:
-                lo, hi = max(start, row), min(stop, row + f.rows)
+            for index, item in enumerate(self.items):
+                lo, hi = max(start, row), min(stop, row + item.rows)
                 if lo < hi:
-                    segments.append({"path": f.path, "first": lo - row, "stop": hi - row,
-                                     "row_groups": list(f.row_groups), "columns": list(f.columns)})
-                row += f.rows
+                    segments.append([index, lo - row, hi - row])
+                row += item.rows
             tasks.append({"shard": shard, "start": start, "stop": stop, "segments": segments})
         return tasks
 
 
-def expand_sources(sources: list[str], *, storage_options: dict | None = None) -> list[str]:
-    """Parquet files named by ``sources`` (files, folders, globs), sorted for a stable plan."""
-    found: list[str] = []
-    for source in sources:
-        fs, path = fsspec.core.url_to_fs(str(source), **(storage_options or {}))
-        protocol = fsspec.utils.get_protocol(str(source))
-        prefix = "" if protocol == "file" else f"{protocol}://"
-        if fs.isdir(path):
-            matches = sorted(fs.find(path))
-            matches = [m for m in matches if m.endswith(".parquet")]
-        elif any(ch in path for ch in "*?["):
-            matches = sorted(fs.glob(path))
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputError(f"{source}: no such file or folder")
-        if not matches:
-            raise InputError(f"{source}: no .parquet files found")
-        found.extend(prefix + m for m in matches)
-    return sorted(dict.fromkeys(found))
-
-
-def scan_file(path: str, *, storage_options: dict | None = None) -> SourceFile:
-    """Read one parquet footer and check its schema. Raises InputError naming the file."""
-    fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    size = fs.size(fpath)
-    if size == 0:
-        raise InputError(f"{path}: file is empty (0 bytes)")
-    try:
-        with fs.open(fpath, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-            schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
-    names = schema.names
-    missing = [c for c in PARQUET_REQUIRED if c not in names]
-    if missing:
-        hints = []
-        for col in missing:
-            close = difflib.get_close_matches(col, names, n=1, cutoff=0.6)
-            hints.append(f"{col} (found {close[0]!r})" if close else col)
-        raise InputError(f"{path}: missing Planktonzilla column(s): {', '.join(hints)}")
-    image_type = schema.field("image").type
-    if not (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
-        raise InputError(f"{path}: column 'image' is {image_type}, expected struct<bytes, path>")
-    row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    present = tuple(c for c in PARQUET_COLUMNS if c in names)
-    return SourceFile(path=path, size=size, rows=meta.num_rows, row_groups=row_groups, columns=present)
-
-
 def make_plan(
-    sources: list[str], *, row_start: int = 0, shard_len: int, storage_options: dict | None = None
+    sources: list[str],
+    *,
+    shard_len: int,
+    row_start: int = 0,
+    format: str | None = None,
+    source: str | None = None,
+    storage_options: dict | None = None,
 ) -> Plan:
-    """Deterministic plan for ``sources``; its id depends on the files, not on where they land."""
-    files = tuple(scan_file(p, storage_options=storage_options)
-                  for p in expand_sources(sources, storage_options=storage_options))
-    if not sum(f.rows for f in files):
-        raise InputError(f"{', '.join(sources)}: no rows to ingest")
-    identity = json.dumps([(f.path, f.size, f.rows) for f in files]).encode()
-    return Plan(hashlib.sha256(identity).hexdigest()[:16], files, row_start, shard_len)
+    """Deterministic plan for ``sources``; its id depends on the inputs, not on where they land."""
+    names, items = [], []
+    for path in sources:
+        reader = readers.get(format) if format else readers.guess(str(path), storage_options=storage_options)
+        for item in reader.plan(str(path), source=source, storage_options=storage_options):
+            names.append(reader.name)
+            items.append(item)
+    if not sum(i.rows for i in items):
+        problems = "; ".join(i.error for i in items if i.error)
+        raise InputError(f"{', '.join(map(str, sources))}: no rows to ingest" + (f" ({problems})" if problems else ""))
+    identity = json.dumps([[n, i.source, i.size, i.rows, i.error, i.info] for n, i in zip(names, items, strict=True)],
+                          sort_keys=True, default=str).encode()
+    return Plan(hashlib.sha256(identity).hexdigest()[:16], tuple(names), tuple(items), row_start, shard_len,
+                tuple(map(str, sources)))
 
 
-# ---------------------------------------------------------------- one shard
+# ---------------------------------------------------------------- records -> catalog variables
 
 
 def _one_line(e: BaseException) -> str:
     """One line, and the same text every run (object addresses removed), so reruns are byte-identical."""
     return re.sub(r" at 0x[0-9a-f]+", "", " ".join(str(e).split()))[:300]
-
-
-def read_segments(segments: list[dict], *, storage_options: dict | None = None) -> pa.Table:
-    """The parquet rows of a shard, reading only the row groups that hold them."""
-    tables = []
-    for seg in segments:
-        starts = np.concatenate([[0], np.cumsum(seg["row_groups"])])
-        first_rg = int(np.searchsorted(starts, seg["first"], side="right") - 1)
-        last_rg = int(np.searchsorted(starts, seg["stop"], side="left"))
-        try:
-            table = _read_row_groups(seg["path"], list(range(first_rg, last_rg)), seg["columns"],
-                                     storage_options)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(
-                f"{seg['path']}: cannot read rows {seg['first']}-{seg['stop']} ({_one_line(e)})"
-            ) from None
-        offset = seg["first"] - int(starts[first_rg])
-        tables.append(table.slice(offset, seg["stop"] - seg["first"]))
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def _read_row_groups(path: str, row_groups: list[int], columns: list[str],
-                     storage_options: dict | None) -> pa.Table:
-    if fsspec.utils.get_protocol(path) == "file":
-        # pyarrow's own file reader: no Python in the read path (measurably faster than fsspec's)
-        return pq.ParquetFile(path.removeprefix("file://")).read_row_groups(row_groups, columns=columns)
-    with fsspec.open(path, "rb", **(storage_options or {})) as fh:
-        return pq.ParquetFile(fh, pre_buffer=True).read_row_groups(row_groups, columns=columns)
 
 
 ID_COLUMNS = ("ObjID", "aphia_ID", "NCBI_ID", "BOLD_ID")
@@ -214,24 +145,31 @@ def _text(table: pa.Table, column: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).astype(object)
 
 
-def _number(table: pa.Table, column: str, dtype: str) -> np.ndarray:
+def _number(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Values as float64 and a mask of non-empty entries that did not parse as numbers."""
     if column not in table.column_names:
-        return np.full(table.num_rows, np.nan, dtype=dtype)
-    values = pd.to_numeric(table.column(column).to_pandas(), errors="coerce")
-    return values.to_numpy(dtype="float64", na_value=np.nan).astype(dtype)
+        return np.full(table.num_rows, np.nan), np.zeros(table.num_rows, bool)
+    raw = table.column(column).to_pandas()
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype="float64", na_value=np.nan, copy=True)
+    given = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
+    return values, given & np.isnan(values)
 
 
-def _time(table: pa.Table) -> np.ndarray:
+def _time(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     if "timestamp" not in table.column_names:
-        return np.full(table.num_rows, TIME_FILL, dtype=np.int64)
+        return np.full(table.num_rows, TIME_FILL, dtype=np.int64), np.zeros(table.num_rows, bool)
     col = table.column("timestamp").to_pandas()
     times = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
     ms = times.dt.tz_convert(None).to_numpy().astype("datetime64[ms]").astype(np.int64)
-    ms[times.isna().to_numpy()] = TIME_FILL
-    return ms
+    missing = times.isna().to_numpy()
+    ms[missing] = TIME_FILL
+    unparsed = missing & col.notna().to_numpy() & (col.astype(str).str.strip() != "").to_numpy()
+    return ms, unparsed
 
 
 def _bool(table: pa.Table, column: str) -> np.ndarray:
+    if column not in table.column_names:
+        return np.zeros(table.num_rows, bool)
     col = table.column(column)
     if pa.types.is_boolean(col.type):
         return pc.fill_null(col, False).to_numpy(zero_copy_only=False).astype(bool)
@@ -241,23 +179,71 @@ def _bool(table: pa.Table, column: str) -> np.ndarray:
     ).astype(bool)
 
 
-def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np.ndarray]:
-    """Catalog variables for parquet rows, including the per-row decode status.
+EARLIEST = np.datetime64("1900-01-01", "ms").astype(np.int64)
 
-    ``row_names`` ("file.parquet#row") is the image id of last resort.
+
+def normalise_metadata(out: dict[str, np.ndarray], flags: list[np.ndarray], names: list[str]) -> None:
+    """Positions in decimal degrees, depths in metres, times in UTC; impossible values become
+    NaN/NaT and get a QC flag in ``qc``, never silently kept."""
+    lat, lon = out["lat"], out["lon"]
+    lon[(lon > 180) & (lon <= 360)] -= 360  # 0..360 convention -> -180..180 (a convention, not an error)
+    bad_position = ~np.isfinite(lat) & ~np.isnan(lat) | ~np.isfinite(lon) & ~np.isnan(lon)
+    bad_position |= (np.abs(lat) > 90) | (np.abs(lon) > 180)
+    lat[bad_position] = lon[bad_position] = np.nan
+    flags.append(bad_position)
+    names.append("position_out_of_range")
+    dmin, dmax = out["depth_min"], out["depth_max"]
+    # Above 10 m over the sea surface or below the deepest trench is not a sampling depth.
+    bad_depth = (dmin < -10) | (dmax < -10) | (dmin > 11000) | (dmax > 11000) | (dmin > dmax)
+    bad_depth |= np.isinf(dmin) | np.isinf(dmax)
+    dmin[bad_depth] = dmax[bad_depth] = np.nan
+    flags.append(bad_depth)
+    names.append("depth_out_of_range")
+    t = out["time"]
+    now = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "ms").astype(np.int64) + 86_400_000
+    bad_time = (t != TIME_FILL) & ((t < EARLIEST) | (t > now))
+    t[bad_time] = TIME_FILL
+    flags.append(bad_time)
+    names.append("time_out_of_range")
+    qc = np.full(len(lat), "", dtype=object)
+    for flag, name in zip(flags, names, strict=True):
+        for i in np.flatnonzero(flag):
+            qc[i] = f"{qc[i]};{name}" if qc[i] else name
+    out["qc"] = qc
+
+
+def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np.ndarray]:
+    """Catalog variables for a records table (any reader), including per-row decode status and QC.
+
+    ``row_names`` ("<input>#<row>") is the image id of last resort.
     """
     n = table.num_rows
     out: dict[str, np.ndarray] = {name: _text(table, col) for name, col in TEXT_FROM_PARQUET.items()}
+    flags, flag_names = [], []
     for name, col in NUMBER_FROM_PARQUET.items():
-        out[name] = _number(table, col, "float64" if name in ("lat", "lon") else "float32")
-    out["time"] = _time(table)
+        out[name], unparsed = _number(table, col)
+        if name in ("lat", "lon", "depth_min", "depth_max"):
+            flags.append(unparsed)
+            flag_names.append(f"{name}_unparsed")
+    out["time"], unparsed_time = _time(table)
+    flags.append(unparsed_time)
+    flag_names.append("time_unparsed")
+    normalise_metadata(out, flags, flag_names)
+    for name in NUMBER_FROM_PARQUET:
+        if name not in ("lat", "lon"):
+            out[name] = out[name].astype("float32")
     out["plankton"] = _bool(table, "plankton")
     aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce")
     out["aphia_id"] = aphia.fillna(0).to_numpy().astype(np.int64)
     out["lineage"] = np.array(
         [lineage(ranks) for ranks in zip(*(out[r] for r in RANKS), strict=True)], dtype=object
     )
-    out["instrument"] = np.array([instrument_of(s) for s in out["source"]], dtype=object)
+    given = _text(table, "lineage")  # sources with a lineage text but no ranks (WebDataset)
+    use_given = (out["lineage"] == "") & (given != "")
+    out["lineage"][use_given] = [" ".join(g.lower().split()) for g in given[use_given]]
+    known = _text(table, "instrument")  # the reader's word first, else the source name's
+    out["instrument"] = np.array([k or instrument_of(s) for k, s in zip(known, out["source"], strict=True)],
+                                 dtype=object)
     out["image_id"] = np.array(
         [
             f"{src}:{obj or os.path.basename(path) or fallback}"
@@ -285,16 +271,33 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
     return out
 
 
+# ---------------------------------------------------------------- one shard (runs on a worker)
+
+
+@lru_cache(maxsize=8)
+def _stored_plan(url: str, plan_id: str, storage_options_key: str) -> Plan:
+    """Each worker reads a plan once (one GET), not once per shard."""
+    so = json.loads(storage_options_key) if storage_options_key else None
+    return Plan.from_dict(catalog.get_json(url, f"plans/{plan_id}.json", storage_options=so))
+
+
 def ingest_shard(task: dict) -> dict:
-    """Write one catalog shard from parquet rows, then its done marker. Runs on a worker."""
+    """Write one catalog shard from its input rows, then its done marker."""
     started = time.perf_counter()
     url, so = task["catalog"], task["storage_options"]
-    table = read_segments(task["segments"], storage_options=so)
-    row_names = [
-        f"{os.path.basename(seg['path'])}#{r}"
-        for seg in task["segments"] for r in range(seg["first"], seg["stop"])
-    ]
+    so_key = json.dumps(so, sort_keys=True) if so else ""
+    plan = _stored_plan(url, task["plan"], so_key)
+    tables, row_names = [], []
+    for index, first, stop in task["segments"]:
+        item = plan.items[index]
+        tables.append(readers.get(plan.readers[index]).read(item, first, stop, storage_options=so))
+        name = os.path.basename(item.source.rstrip("/"))
+        row_names += [f"{name}#{r}" for r in range(first, stop)]
+    table = pa.concat_tables(tables, promote_options="permissive")
     columns = columns_from_table(table, row_names=row_names)
+    if task.get("taxonomy"):
+        table_df = taxonomy.cached_table(task["taxonomy"], so_key)
+        taxonomy.apply(table_df, columns, table_source=task.get("taxonomy_source"))
     group = catalog.open_group(url, mode="r+", storage_options=so, check=False)  # write_rows checks
     shard_start = task["shard"] * task["shard_len"]
     if shard_start < task["start"]:
@@ -322,7 +325,8 @@ class IngestReport:
     shards_skipped: int
     shards_written: int
     status: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
+    input_errors: list[str] = field(default_factory=list)  # items that yielded no rows
+    failures: list[str] = field(default_factory=list)  # shards that failed
     seconds: float = 0.0
     images_per_second: float = 0.0
 
@@ -334,30 +338,30 @@ class IngestReport:
             f"  status: {', '.join(f'{k}={v}' for k, v in sorted(self.status.items())) or 'none new'}",
             f"  {self.seconds:.1f} s, {self.images_per_second:,.0f} images/s",
         ]
+        lines += [f"  SKIPPED INPUT {e}" for e in self.input_errors]
         lines += [f"  FAILED {f}" for f in self.failures]
         return "\n".join(lines)
 
 
-def _prepare(sources: list[str], url: str, shard_len: int | None, append: bool,
-             storage_options: dict | None) -> Plan:
-    """Create the catalog or check it, record the plan and size the arrays for it."""
-    if not catalog.exists(url, storage_options=storage_options):
-        plan = make_plan(sources, shard_len=shard_len or catalog.DEFAULT_SHARD_LEN,
-                         storage_options=storage_options)
-        catalog.create(url, n_rows=plan.rows, shard_len=plan.shard_len, plans=[_plan_record(plan)],
-                       storage_options=storage_options)
-        return plan
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
+def _prepare(probe: Plan, url: str, shard_len: int | None, append: bool, storage_options: dict | None) -> Plan:
+    """Create the catalog or check it, store the plan and size the arrays for it."""
+    so = storage_options
+    if not catalog.exists(url, storage_options=so):
+        catalog.create(url, n_rows=probe.rows, shard_len=probe.shard_len, plans=[_plan_record(probe)],
+                       storage_options=so)
+        catalog.put_json(url, f"plans/{probe.id}.json", probe.to_dict(), storage_options=so)
+        return probe
+    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
     meta = catalog.metadata(group)
     if shard_len and shard_len != meta["shard_len"]:
         raise CatalogError(
             f"{url}: catalog has shard length {meta['shard_len']}, not {shard_len}; "
             "use another catalog URL or drop --shard-len"
         )
-    probe = make_plan(sources, shard_len=meta["shard_len"], storage_options=storage_options)
     known = {p["id"]: p for p in meta["plans"]}
     if probe.id in known:  # a rerun: resume the plan where it stopped
-        plan = Plan(probe.id, probe.files, known[probe.id]["row_start"], meta["shard_len"])
+        plan = Plan(probe.id, probe.readers, probe.items, known[probe.id]["row_start"], meta["shard_len"],
+                    probe.sources)
     else:
         if known and not append:
             raise CatalogError(
@@ -367,52 +371,84 @@ def _prepare(sources: list[str], url: str, shard_len: int | None, append: bool,
             )
         for p in meta["plans"]:
             todo = len(catalog.shard_ranges(p["row_start"], p["row_stop"], meta["shard_len"]))
-            if len(catalog.done_shards(url, f"{STAGE}/{p['id']}", storage_options=storage_options)) < todo:
+            if len(catalog.done_shards(url, f"{STAGE}/{p['id']}", storage_options=so)) < todo:
                 raise CatalogError(
                     f"{url}: ingest of plan {p['id']} is unfinished; rerun it with its sources "
                     "before appending others"
                 )
         row_start = max((p["row_stop"] for p in meta["plans"]), default=0)
-        plan = Plan(probe.id, probe.files, row_start, meta["shard_len"])
+        plan = Plan(probe.id, probe.readers, probe.items, row_start, meta["shard_len"], probe.sources)
         # Record first, then grow: a crash in between leaves a plan that a rerun completes.
         catalog.update_metadata(group, plans=[*meta["plans"], _plan_record(plan)])
+    catalog.put_json(url, f"plans/{plan.id}.json", plan.to_dict(), storage_options=so)
     catalog.ensure_rows(group, plan.row_stop)
     return plan
 
 
 def _plan_record(plan: Plan) -> dict:
-    record = plan.to_dict()
-    record["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-    record["pzscale"] = version("pzscale")
-    return record
+    """What the group attributes keep of a plan; the full plan is in _pzscale/plans/<id>.json."""
+    return {
+        "id": plan.id, "row_start": plan.row_start, "row_stop": plan.row_stop, "shard_len": plan.shard_len,
+        "sources": list(plan.sources), "readers": sorted(set(plan.readers)), "items": len(plan.items),
+        "input_errors": len(plan.errors), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pzscale": version("pzscale"),
+    }
+
+
+def _record_parameters(url: str, plan: Plan, *, taxonomy_table: str | None, storage_options: dict | None,
+                       **params: str | None) -> None:
+    """Record the stage's parameters in the group attributes (never credentials)."""
+    group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
+    record = {**params, "taxonomy_table": taxonomy_table}
+    if taxonomy_table:
+        record["taxonomy_sha256"] = taxonomy.read_table(taxonomy_table, storage_options=storage_options).attrs["sha256"]
+    stages = catalog.metadata(group).get("stages", {})
+    if stages.get(plan.stage) != record:
+        catalog.update_metadata(group, stages={**stages, plan.stage: record})
 
 
 def ingest(
     sources: list[str],
     url: str,
     *,
+    format: str | None = None,
+    source: str | None = None,
+    taxonomy_table: str | None = None,
+    taxonomy_source: str | None = None,
     shard_len: int | None = None,
     append: bool = False,
     client: Client | None = None,
     storage_options: dict | None = None,
     progress: bool = True,
 ) -> IngestReport:
-    """Ingest Planktonzilla-format parquet ``sources`` into the catalog at ``url``.
+    """Ingest ``sources`` (files or folders of any supported format) into the catalog at ``url``.
 
-    Rerunning with the same sources resumes: shards with a done marker are skipped.
-    ``append=True`` adds the sources after the existing rows, leaving those unchanged.
-    Raises StageError if any shard failed; the shards that succeeded stay done.
+    ``format`` names the reader (default: guessed per source); ``source`` names the collection
+    for formats that do not (IFCB bins, class folders). ``taxonomy_table`` is a
+    Planktonzilla-format mapping table applied to rows that carry a raw label but no
+    taxonomy, keyed by their source or by ``taxonomy_source``. Rerunning with the same
+    inputs resumes; ``append=True`` adds them after the existing rows, leaving those
+    unchanged. Raises StageError if any shard failed; finished shards stay done.
     """
     catalog.check_url(url)
     try:
         client = client or get_client()
     except ValueError:
         raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
-    plan = _prepare(list(sources), url, shard_len, append, storage_options)
+    if taxonomy_table:  # fail on a bad table before any write
+        taxonomy.read_table(taxonomy_table, storage_options=storage_options)
+    meta_len = None
+    if catalog.exists(url, storage_options=storage_options):
+        meta_len = catalog.metadata(catalog.open_group(url, storage_options=storage_options, check=False))["shard_len"]
+    probe = make_plan(list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN, format=format,
+                      source=source, storage_options=storage_options)
+    plan = _prepare(probe, url, shard_len, append, storage_options)
+    _record_parameters(url, plan, format=format, source=source, taxonomy_table=taxonomy_table,
+                       taxonomy_source=taxonomy_source, storage_options=storage_options)
     done = catalog.done_shards(url, plan.stage, storage_options=storage_options)
     all_tasks = plan.shard_tasks()
-    common = {"catalog": url, "storage_options": storage_options, "plan": plan.id,
-              "stage": plan.stage, "shard_len": plan.shard_len}
+    common = {"catalog": url, "storage_options": storage_options, "plan": plan.id, "stage": plan.stage,
+              "shard_len": plan.shard_len, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source}
     tasks = [{**t, **common} for t in all_tasks if t["shard"] not in done]
     run = run_shards(client, ingest_shard, tasks, desc="ingest", skipped=len(all_tasks) - len(tasks),
                      show=progress)
@@ -422,7 +458,7 @@ def ingest(
     report = IngestReport(
         catalog=url, plan_id=plan.id, rows=(plan.row_start, plan.row_stop),
         shards_total=len(all_tasks), shards_skipped=len(all_tasks) - len(tasks),
-        shards_written=len(run.results), status=dict(status),
+        shards_written=len(run.results), status=dict(status), input_errors=plan.errors,
         failures=[f"shard {t['shard']}: {msg}" for t, msg in run.failures],
         seconds=run.seconds, images_per_second=run.images_per_second,
     )

@@ -58,6 +58,11 @@ VARIABLES: tuple[Variable, ...] = (
         "instrument housing temperature (not seawater)", "degree_Celsius",
     ),
     Variable("instrument_humidity", "float32", np.nan, "instrument housing humidity", "percent"),
+    Variable("volume_analysed", "float32", np.nan, "sample volume imaged for this image's sample (IFCB)", "mL"),
+    Variable("pixel_size", "float32", np.nan, "physical size of one pixel", "um"),
+    _s("original_hierarchy", "the source's own label path (EcoTaxa annotation hierarchy)"),
+    _s("annotation_status", "validated, predicted, dubious ... ('' unknown)"),
+    _s("qc", "';'-joined quality flags of the metadata ('' = all ok); flagged values are NaN/NaT"),
     _s("license", "licence of the image"),
     _s("license_url", "licence URL"),
     Variable("height", "int32", 0, "image height", "pixel"),
@@ -100,6 +105,8 @@ TEXT_FROM_PARQUET = {
     "bold_id": "BOLD_ID",
     "license": "license",
     "license_url": "license_url",
+    "original_hierarchy": "original_hierarchy",
+    "annotation_status": "annotation_status",
 }
 NUMBER_FROM_PARQUET = {
     "lat": "Latitude",
@@ -108,6 +115,8 @@ NUMBER_FROM_PARQUET = {
     "depth_max": "Depth_max",
     "instrument_temperature": "Temperature",
     "instrument_humidity": "Humidity",
+    "volume_analysed": "volume_analysed_ml",
+    "pixel_size": "pixel_size_um",
 }
 
 # Instrument family of each Planktonzilla source (planktonzilla.md section 1).
@@ -128,6 +137,8 @@ SOURCE_INSTRUMENTS = {
     "zoolake": "DSPC",
     "lensless": "Lensless",
 }
+# Instrument families also recognised as a source-name suffix (ecotaxa_vpr -> VPR).
+INSTRUMENT_FAMILIES = sorted({*SOURCE_INSTRUMENTS.values(), "VPR", "LOKI", "CytoSense"})
 
 
 def lineage(ranks: list[str | None]) -> str:
@@ -140,5 +151,5 @@ def instrument_of(source: str) -> str:
     if source in SOURCE_INSTRUMENTS:
         return SOURCE_INSTRUMENTS[source]
     suffix = source.rsplit("_", 1)[-1].lower()
-    by_family = {v.lower(): v for v in SOURCE_INSTRUMENTS.values()}
+    by_family = {v.lower(): v for v in INSTRUMENT_FAMILIES}
     return by_family.get(suffix, "")

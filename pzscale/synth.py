@@ -290,3 +290,71 @@ def _write_parquet(rows: list[dict], out: Path, rows_per_file: int, row_group_si
         chunk = rows[f * rows_per_file : (f + 1) * rows_per_file]
         table = pa.Table.from_pylist([{c: r[c] for c in schema.names} for r in chunk], schema=schema)
         pq.write_table(table, out / f"train-{f:05d}-of-{n_files:05d}.parquet", row_group_size=row_group_size)
+
+
+# ---------------------------------------------------------------- IFCB raw bins
+
+ADC_V2_COLUMNS = ("trigger#, ADCtime, PMTA, PMTB, PMTC, PMTD, PeakA, PeakB, PeakC, PeakD, TimeOfFlight, "
+                  "GrabTimeStart, GrabTimeEnd, RoiX, RoiY, RoiWidth, RoiHeight, StartByte, ComparatorOut, "
+                  "StartPoint, SignalLength, Status, RunTime, InhibitTime")
+
+
+def synth_ifcb(out: str | Path, *, images: int = 1000, seed: int = 0, rois_per_bin: int = 400,
+               instrument: int = 999) -> dict:
+    """Write IFCB schema-v2 raw bins (``.hdr``/``.adc``/``.roi``) under ``out/D<YYYY>/D<YYYYMMDD>/``.
+
+    Every fourth trigger has no image (width = height = 0), as real bins do; ROI pixels are
+    raw 8-bit greyscale written back to back at the ADC's StartByte. Returns (and writes to
+    ``out/truth.json``) each bin's ROI count, run/inhibit times and position.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    names = [n for n in TAXA if n != "bubble"]
+    truth: dict = {"seed": seed, "bins": []}
+    start = np.datetime64("2024-06-01T00:00:00")
+    made = 0
+    while made < images:
+        n = min(rois_per_bin, images - made)
+        when = start + np.timedelta64(int(rng.integers(0, 90 * 86400)), "s")
+        stamp = str(when).replace("-", "").replace(":", "")
+        lid = f"D{stamp}_IFCB{instrument:03d}"
+        folder = out / f"D{stamp[:4]}" / f"D{stamp[:8]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        roi, lines, offset, trigger = bytearray(), [], 0, 0
+        run_time = float(rng.uniform(1100, 1250))
+        inhibit = float(rng.uniform(0.5, 15))
+        for k in range(n):
+            if k % 3 == 2:  # a trigger without an image carries the next StartByte
+                trigger += 1
+                lines.append(_adc_line(trigger, 0, 0, offset, run_time, inhibit, rng))
+            pixels = np.asarray(_finish(TAXA[names[int(rng.integers(0, len(names)))]][0](rng), rng, False))
+            h, w = pixels.shape
+            trigger += 1
+            lines.append(_adc_line(trigger, w, h, offset, run_time, inhibit, rng))
+            roi += pixels.tobytes()
+            offset += w * h
+        lat, lon = float(rng.uniform(41.2, 41.4)), float(rng.uniform(-70.6, -70.5))
+        header = [
+            "softwareVersion: Imaging FlowCytobot Acquisition Software version 3.0 (pzscale synth)",
+            f"runTime: {run_time:.6f}", f"inhibitTime: {inhibit:.6f}", "SyringeSampleVolume: 5",
+            f"triggerCount: {trigger}", f"roiCount: {n}", f"gpsLatitude: {lat:.8f}", f"gpsLongitude: {lon:.8f}",
+            f"ADCFileFormat: {ADC_V2_COLUMNS}",
+        ]
+        (folder / f"{lid}.hdr").write_text("\r\n".join(header) + "\r\n")
+        (folder / f"{lid}.adc").write_text("\r\n".join(lines) + "\r\n")
+        (folder / f"{lid}.roi").write_bytes(bytes(roi))
+        truth["bins"].append({"bin": lid, "rois": n, "triggers": trigger, "runTime": run_time,
+                              "inhibitTime": inhibit, "ml_analyzed": 0.25 * (run_time - inhibit) / 60,
+                              "lat": lat, "lon": lon})
+        made += n
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
+
+
+def _adc_line(trigger: int, w: int, h: int, start: int, run_time: float, inhibit: float,
+              rng: np.random.Generator) -> str:
+    t = trigger * 0.5
+    values = [trigger, t, *rng.uniform(0, 0.2, 8).round(6), -999.0, t + 0.01, t + 0.02,
+              int(rng.integers(0, 1300)) if w else 0, int(rng.integers(0, 1000)) if w else 0, w, h, start,
+              0, 0, 0, 0, run_time, inhibit]
+    return ",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in values)

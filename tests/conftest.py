@@ -38,3 +38,14 @@ def clean_catalog(synth_dir, client, tmp_path_factory):
     url = str(tmp_path_factory.mktemp("clean") / "catalog.zarr")
     report = ingest([str(synth_dir)], url, shard_len=SHARD_LEN, client=client, progress=False)
     return url, report, catalog.checksums(url)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real sample files in ../shared/data (beside the repository, in CI too)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: the shared sample data must sit beside the repository")
+    return path

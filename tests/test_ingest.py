@@ -12,7 +12,7 @@ from PIL import Image
 
 from pzscale import catalog, open_catalog, read_images
 from pzscale.errors import CatalogError, InputError, StageError
-from pzscale.ingest import ingest, make_plan
+from pzscale.ingest import _plan_record, ingest, make_plan
 from pzscale.schema import VARIABLE_NAMES
 from pzscale.synth import synth
 from tests.conftest import N_IMAGES, SHARD_LEN
@@ -72,7 +72,7 @@ def test_metadata_mapped_to_standard_variables(synth_dir, clean_catalog):
     assert not ds["plankton"].values[ds["root_class"].values == "detritus"].any()
     meta = ds.attrs["pzscale"]
     assert meta["shard_len"] == SHARD_LEN and meta["version"]
-    assert meta["plans"][0]["row_stop"] == N_IMAGES and len(meta["plans"][0]["files"]) == 3
+    assert meta["plans"][0]["row_stop"] == N_IMAGES and meta["plans"][0]["items"] == 3
 
 
 def test_rerun_skips_finished_shards(synth_dir, clean_catalog, client):
@@ -121,13 +121,14 @@ def test_append_leaves_existing_rows_untouched(synth_dir, clean_catalog, client,
 def test_plan_is_deterministic_and_reads_metadata_only(synth_dir):
     a = make_plan([str(synth_dir)], shard_len=SHARD_LEN)
     b = make_plan([str(synth_dir / "*.parquet")], shard_len=SHARD_LEN)
-    assert a == b and a.rows == N_IMAGES
+    assert a.id == b.id and a.items == b.items and a.rows == N_IMAGES
     tasks = a.shard_tasks()
     assert [t["shard"] for t in tasks] == list(range(len(tasks)))
-    assert sum(s["stop"] - s["first"] for t in tasks for s in t["segments"]) == N_IMAGES
+    assert sum(stop - first for t in tasks for _, first, stop in t["segments"]) == N_IMAGES
     # shard 7 spans the boundary between the first two files (500 rows each)
-    assert [s["path"].rsplit("/", 1)[-1] for s in tasks[7]["segments"]] == [
+    assert [a.items[i].source.rsplit("/", 1)[-1] for i, _, _ in tasks[7]["segments"]] == [
         "train-00000-of-00003.parquet", "train-00001-of-00003.parquet"]
+    assert set(a.readers) == {"parquet"}
 
 
 # ---------------------------------------------------------------- bad input
@@ -200,7 +201,7 @@ def test_creation_cut_short_is_finished_by_the_rerun(synth_dir, clean_catalog, c
     _, _, clean_sums = clean_catalog
     url = tmp_path / "cat.zarr"
     plan = make_plan([str(synth_dir)], shard_len=SHARD_LEN)
-    catalog.create(str(url), n_rows=plan.rows, shard_len=SHARD_LEN, plans=[plan.to_dict()])
+    catalog.create(str(url), n_rows=plan.rows, shard_len=SHARD_LEN, plans=[_plan_record(plan)])
     for name in ("lat", "image_bytes", "status"):  # as if the process died while creating arrays
         shutil.rmtree(url / name)
     with pytest.raises(CatalogError, match="lacks arrays"):

@@ -49,9 +49,48 @@ def test_types_nulls_ids_and_status():
     assert list(cols["aphia_id"]) == [149122, 0, 0]
     assert list(cols["ncbi_id"]) == ["49238", "", ""]
     np.testing.assert_array_equal(cols["lat"], [41.3, np.nan, np.nan])
+    assert list(cols["qc"]) == ["", "lat_unparsed", "time_unparsed"]
     assert cols["lat"].dtype == np.float64 and cols["depth_max"].dtype == np.float32
     times = cols["time"]
     assert times[0] == np.datetime64("2016-01-01T00:00:00", "ms").astype(np.int64)
     assert times[1] == np.datetime64("2019-06-01T10:30:00", "ms").astype(np.int64)  # to UTC
     assert times[2] == TIME_FILL
     assert list(cols["license"]) == ["", "", ""]  # v1.0 shards have no licence columns
+
+
+def test_impossible_metadata_becomes_nan_with_a_qc_flag():
+    n = 8
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(), "path": None}] * n,
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "dataset": ["s"] * n,
+        "ObjID": [str(i) for i in range(n)],
+        "Latitude": [45.0, 95.0, float("inf"), 10.0, 10.0, 10.0, 10.0, None],
+        "Longitude": [200.0, 10.0, 10.0, -181.0, 10.0, 10.0, 10.0, None],
+        "Depth_min": [5.0, 5.0, 5.0, 5.0, -50.0, 30.0, 5.0, None],
+        "Depth_max": [5.0, 5.0, 5.0, 5.0, 10.0, 20.0, 5.0, None],
+        "timestamp": ["2020-01-01T00:00:00Z"] * 6 + ["1850-01-01T00:00:00Z", "3000-01-01T00:00:00Z"],
+    })
+    cols = columns_from_table(table, row_names=[f"x#{i}" for i in range(n)])
+    assert cols["lat"][0] == 45.0 and cols["lon"][0] == -160.0 and cols["qc"][0] == ""  # 0..360 -> -180..180
+    for i in (1, 2, 3):
+        assert np.isnan(cols["lat"][i]) and np.isnan(cols["lon"][i])
+        assert cols["qc"][i] == "position_out_of_range"
+    for i in (4, 5):  # above the surface; min below max
+        assert np.isnan(cols["depth_min"][i]) and np.isnan(cols["depth_max"][i])
+        assert cols["qc"][i] == "depth_out_of_range"
+    assert cols["time"][6] == TIME_FILL and cols["qc"][6] == "time_out_of_range"
+    assert cols["time"][7] == TIME_FILL and cols["qc"][7] == "time_out_of_range"
+    assert all(np.isfinite(cols["lat"][[0, 4, 5, 6]]))
+
+
+def test_unparsable_values_are_flagged_not_silently_dropped():
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(), "path": None}] * 2,
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "dataset": ["s", "s"], "ObjID": ["1", "2"],
+        "Latitude": ["12.5", "north-ish"], "Longitude": ["3", "3"], "timestamp": ["2020-05-01", "yesterday"],
+    })
+    cols = columns_from_table(table, row_names=["x#0", "x#1"])
+    assert cols["qc"][0] == "" and cols["lat"][0] == 12.5
+    assert np.isnan(cols["lat"][1]) and cols["qc"][1] == "lat_unparsed;time_unparsed"

@@ -1,0 +1,118 @@
+"""The reader contract: plan items cheaply, then read rows of an item as records.
+
+A reader turns one kind of input (Planktonzilla parquet, IFCB bins, EcoTaxa exports,
+class-folder archives, WebDataset tars) into **records**: a ``pyarrow.Table`` whose
+columns are the Planktonzilla parquet columns (``RECORD_COLUMNS``; any may be missing,
+``image`` is required). Every reader feeds the same plan -> shard-task -> write path
+in ``pzscale.ingest``, so resume and append work alike for all formats.
+
+Readers never write. They report per-item problems found while planning as
+``Item.error`` (the item then yields no rows and the ingest report lists it), and
+per-row problems as a row whose ``image`` bytes are empty or undecodable.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pzscale.schema import PARQUET_COLUMNS
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# Columns a reader may fill beyond Planktonzilla's 30 (pzscale's own additions).
+EXTRA_COLUMNS = {
+    "volume_analysed_ml": pa.float64(),  # sample volume imaged, for abundance (IFCB ml_analyzed)
+    "pixel_size_um": pa.float64(),  # physical size of one pixel (EcoTaxa acq_pixel, in micrometres)
+    "original_hierarchy": pa.string(),  # the source's own label path (EcoTaxa annotation hierarchy)
+    "annotation_status": pa.string(),  # validated / predicted / dubious / unclassified ('' unknown)
+    "lineage": pa.string(),  # only when the source gives a lineage text but no ranks (WebDataset)
+    "instrument": pa.string(),  # instrument family when the reader knows it (IFCB, UVP6, ...)
+}
+NUMBER_COLUMNS = {"Latitude", "Longitude", "Depth_min", "Depth_max", "Humidity", "Temperature"}
+
+
+def record_type(column: str) -> pa.DataType:
+    if column == "image":
+        return IMAGE_TYPE
+    if column == "plankton":
+        return pa.bool_()
+    if column in NUMBER_COLUMNS:
+        return pa.float64()
+    if column in EXTRA_COLUMNS:
+        return EXTRA_COLUMNS[column]
+    return pa.string()
+
+
+RECORD_COLUMNS = (*PARQUET_COLUMNS, *EXTRA_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of input a reader plans: a parquet file, an IFCB bin, a TSV, an archive.
+
+    ``rows`` must be exact: the plan gives every row a catalog row before any is read.
+    ``info`` holds whatever ``read`` needs again (JSON-serialisable: it travels to workers
+    and into the catalog's plan record). ``error`` marks an item that cannot be read at
+    all (an empty or partial IFCB bin...): it has ``rows == 0`` and is reported, not fatal.
+    """
+
+    source: str  # path or URL of the item: what errors and the report name
+    rows: int
+    size: int
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+class Reader:
+    """Base class of readers. Subclasses set ``name`` and ``description`` and implement
+    ``guess_can_open``, ``plan`` and ``read``; they are registered by name (built-ins) or
+    through the entry-point group ``pzscale.readers`` (third parties)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def guess_can_open(self, path: str, *, storage_options: dict | None = None) -> bool:
+        """Cheap check (names, magic bytes) whether this reader understands ``path``."""
+        raise NotImplementedError
+
+    def plan(self, path: str, *, source: str | None = None, storage_options: dict | None = None) -> list[Item]:
+        """Items under ``path`` (a file or a folder), in a deterministic order, with exact row counts.
+
+        ``source`` names the collection (Planktonzilla's ``dataset``) when the input does not.
+        Raise ``pzscale.errors.InputError`` (one line, naming the file) only when nothing
+        under ``path`` can be read; otherwise report bad items through ``Item.error``.
+        """
+        raise NotImplementedError
+
+    def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
+        """Rows ``[first, stop)`` of ``item`` as records (see ``records``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<pzscale reader {self.name!r}: {self.description}>"
+
+
+def records(rows: list[dict[str, Any]]) -> pa.Table:
+    """A records table from dicts keyed by ``RECORD_COLUMNS`` names.
+
+    ``image`` is ``{"bytes": ..., "path": ...}`` with *encoded* image bytes (use
+    ``encode_png`` for raw pixels); columns no row has are left out.
+    """
+    present = [c for c in RECORD_COLUMNS if any(c in r for r in rows)]
+    if "image" not in present:
+        present.insert(0, "image")
+    schema = pa.schema([pa.field(c, record_type(c)) for c in present])
+    return pa.Table.from_pylist([{c: r.get(c) for c in present} for r in rows], schema=schema)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of raw pixels (8- or 16-bit greyscale, or RGB): decoding gives them back exactly."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)  # fast; size is not the point
+    return buf.getvalue()

@@ -1,0 +1,370 @@
+"""IFCB (Imaging FlowCytobot) raw bins: ``.hdr`` + ``.adc`` + ``.roi`` files sharing a bin name.
+
+One bin is one item; its rows are the ADC lines with a non-empty ROI, in line order. The catalog keeps the
+raw ``.roi`` pixels losslessly (PNG of the raw bytes, no min-max stretch) and names every image by its
+ADC line number (``<bin>_<roi:05d>``), as the IFCB dashboards and classifier outputs do.
+See ``shared/notes/formats.md`` section 1 for the file layouts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from pzscale.errors import InputError
+from pzscale.readers.base import Item, Reader, encode_png, records
+
+EXTENSIONS = (".adc", ".hdr", ".roi")
+DEFAULT_SOURCE = "ifcb"
+
+V1_NAME = re.compile(r"IFCB(\d+)_(\d{4})_(\d{3})_(\d{6})")
+V2_NAME = re.compile(r"D(\d{8})T(\d{6})_IFCB(\d{3})")
+
+# ADC columns by position (names differ between firmware versions, positions do not).
+ADC_COLUMNS = {
+    1: {"count": 15, "trigger": 0, "trigger_open_time": 7, "frame_grab_time": 8,
+        "width": 11, "height": 12, "start_byte": 13},
+    2: {"count": 24, "trigger": 0, "adc_time": 1, "width": 15, "height": 16, "start_byte": 17,
+        "run_time": 22, "inhibit_time": 23},
+}
+MISSING_VALUE = -999.0  # v2 firmware writes -999 for values it did not measure
+
+V2_FLOW_ML_PER_MIN = 0.25  # syringe pump flow of schema-2 instruments
+V2_MAX_DISAGREEMENT = 0.02  # ADC and header volumes further apart than this: trust the header
+V1_MIN_PROC_TIME_S = 0.073  # dead time after each trigger on schema-1 instruments
+V1_FLOW_ML_PER_S = 5 / 48000 * 40  # ml per syringe step x steps per second
+SECONDS_PER_DAY = 86400.0
+
+PLAN_THREADS = 16  # planning reads every .adc: overlap the round trips on object stores
+
+
+def bin_schema(lid: str) -> int | None:
+    """ADC schema (1 or 2) of a bin name, or None when ``lid`` is not a bin name."""
+    if V1_NAME.fullmatch(lid):
+        return 1
+    if V2_NAME.fullmatch(lid):
+        return 2
+    return None
+
+
+def bin_time(lid: str) -> datetime:
+    """Sample time (UTC) from a bin name: v1 names carry a day of year, v2 names a calendar date."""
+    try:
+        if m := V1_NAME.fullmatch(lid):
+            _, year, day, hms = m.groups()
+            day_start = datetime(int(year), 1, 1, tzinfo=UTC) + timedelta(days=int(day) - 1)
+            if int(day) < 1 or day_start.year != int(year):
+                raise ValueError(f"day of year {day} out of range")
+            return datetime.strptime(f"{day_start:%Y%m%d}{hms}", "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        if m := V2_NAME.fullmatch(lid):
+            ymd, hms, _ = m.groups()
+            return datetime.strptime(ymd + hms, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError as e:
+        raise InputError(f"{lid}: bin name has an invalid date or time ({e})") from None
+    raise InputError(f"{lid}: not an IFCB bin name (IFCB<n>_<YYYY>_<DDD>_<HHMMSS> or D<YYYYMMDD>T<HHMMSS>_IFCB<NNN>)")
+
+
+def parse_hdr(text: str) -> dict[str, str]:
+    """Header fields as text.
+
+    v2 headers are ``key: value`` lines (values may end in a tab; firmware lines without a colon are
+    skipped). v1 headers are double-quoted lines: ``"Name = value"`` lines, and a line of space-separated
+    names followed by a line of quoted comma-separated values (the oldest layout has the names only,
+    so those names get no value).
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return {}
+    if lines[0].startswith('"'):
+        return parse_v1_hdr(lines)
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, colon, value = line.partition(":")
+        if colon and key.strip():
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def parse_v1_hdr(lines: list[str]) -> dict[str, str]:
+    unquoted = [line.strip('"').strip() for line in lines]
+    fields = {"softwareVersion": unquoted[0]}
+    for i, line in enumerate(lines[1:], start=1):
+        if '","' in line or is_number(unquoted[i]):
+            values = [v.strip().strip('"').strip() for v in line.split(",")]
+            names = unquoted[i - 1].split()
+            fields.update(zip(names, values, strict=False))
+        elif "=" in unquoted[i]:
+            key, _, value = unquoted[i].partition("=")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_adc(text: str, schema: int, *, name: str = "<adc>") -> dict[str, np.ndarray]:
+    """ADC columns used here, by position, as float arrays (one entry per line; -999 becomes NaN).
+
+    ``name`` (the file) goes into the one-line InputError raised for a malformed line.
+    """
+    columns = ADC_COLUMNS[schema]
+    expected = columns["count"]
+    values = []
+    for line_number, line in enumerate(text.rstrip().splitlines(), start=1):
+        fields = line.split(",")
+        if fields[-1].strip() == "":  # v1 lines end in a comma
+            fields.pop()
+        if len(fields) != expected:
+            raise InputError(f"{name}: line {line_number} has {len(fields)} values, schema {schema} has {expected}")
+        try:
+            values.append([float(f) for f in fields])
+        except ValueError:
+            bad = next(f for f in fields if not is_number(f))
+            raise InputError(f"{name}: line {line_number} has a non-numeric value {bad.strip()[:40]!r}") from None
+    table = np.array(values, dtype=np.float64).reshape(len(values), expected)
+    table[table == MISSING_VALUE] = np.nan
+    adc = {key: table[:, col] for key, col in columns.items() if key != "count"}
+    width, height = adc["width"], adc["height"]
+    if np.any(width < 0) or np.any(height < 0):
+        line = int(np.flatnonzero((width < 0) | (height < 0))[0]) + 1
+        raise InputError(f"{name}: line {line} has a negative ROI width or height")
+    images = (width > 0) & (height > 0)
+    start = adc["start_byte"]
+    bad_start = images & ~(np.isfinite(start) & (start >= 0) & (start == np.round(start)))
+    if np.any(bad_start):
+        raise InputError(f"{name}: line {int(np.flatnonzero(bad_start)[0]) + 1} has an invalid start byte")
+    return adc
+
+
+def image_lines(adc: dict[str, np.ndarray]) -> np.ndarray:
+    """0-based ADC line indices that have an image (width and height > 0); ROI number = index + 1."""
+    return np.flatnonzero((adc["width"] > 0) & (adc["height"] > 0))
+
+
+def ml_analyzed(adc: dict[str, np.ndarray], hdr: dict[str, str], schema: int) -> float | None:
+    """Volume imaged (mL) in a bin, or None when it cannot be computed."""
+    volume = ml_analyzed_v1(adc) if schema == 1 else ml_analyzed_v2(adc, hdr)
+    return volume if volume is not None and math.isfinite(volume) and volume > 0 else None
+
+
+def ml_analyzed_v2(adc: dict[str, np.ndarray], hdr: dict[str, str]) -> float | None:
+    """0.25 mL/min x (run time - inhibit time); the last ADC line's times unless the header disagrees."""
+    def volume(run_time: float | None, inhibit_time: float | None) -> float | None:
+        if run_time is None or inhibit_time is None or not math.isfinite(run_time - inhibit_time):
+            return None
+        look_time = run_time - inhibit_time
+        return V2_FLOW_ML_PER_MIN * look_time / 60 if look_time > 0 else None
+
+    from_adc = volume(float(adc["run_time"][-1]), float(adc["inhibit_time"][-1])) if len(adc["run_time"]) else None
+    from_hdr = volume(number(hdr.get("runTime")), number(hdr.get("inhibitTime")))
+    if from_adc is not None and from_hdr is not None:
+        # the last trigger can come well before the end of the run: then only the header has the full time
+        return from_adc if abs(from_adc - from_hdr) <= V2_MAX_DISAGREEMENT * from_hdr else from_hdr
+    return from_adc if from_adc is not None else from_hdr
+
+
+def ml_analyzed_v1(adc: dict[str, np.ndarray]) -> float | None:
+    """Look time x flow: run time (last frame grab) minus the dead time after each trigger (pyifcb's method)."""
+    if not len(adc["trigger"]):
+        return None
+    _, first_lines = np.unique(adc["trigger"], return_index=True)
+    keep = np.sort(first_lines)  # several ROIs of one trigger share its times
+    # bins crossing midnight have negative times
+    frame_grab, trigger_open = adc["frame_grab_time"][keep], adc["trigger_open_time"][keep]
+    frame_grab = np.where(frame_grab < 0, frame_grab + SECONDS_PER_DAY, frame_grab)
+    trigger_open = np.where(trigger_open < 0, trigger_open + SECONDS_PER_DAY, trigger_open)
+    proc_time = np.maximum(trigger_open[1:] - frame_grab[:-1], V1_MIN_PROC_TIME_S)
+    # the extra MIN_PROC_TIME matches the MATLAB reference (ifcb-analysis) that pyifcb reproduces
+    look_time = frame_grab[-1] - proc_time.sum() - V1_MIN_PROC_TIME_S
+    return float(look_time * V1_FLOW_ML_PER_S)
+
+
+def number(text: str | None) -> float | None:
+    """A finite float from header text, else None."""
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def header_value(hdr: dict[str, str], *keys: str) -> float | None:
+    """First numeric value among ``keys`` (compared without case)."""
+    lowered = {k.lower(): v for k, v in hdr.items()}
+    for key in keys:
+        value = number(lowered.get(key.lower()))
+        if value is not None:
+            return value
+    return None
+
+
+def bin_metadata(lid: str, hdr: dict[str, str], adc: dict[str, np.ndarray], schema: int) -> dict[str, Any]:
+    """Record columns shared by every image of a bin."""
+    depth = header_value(hdr, "depth")
+    return {
+        "timestamp": f"{bin_time(lid):%Y-%m-%dT%H:%M:%SZ}",
+        "Latitude": header_value(hdr, "gpsLatitude"),
+        "Longitude": header_value(hdr, "gpsLongitude"),
+        "Depth_min": depth,
+        "Depth_max": depth,
+        # housing sensors: v1 names them Temp/Humidity, v2 (2022+) temperature/humidity
+        "Temperature": header_value(hdr, "Temp", "temperature"),
+        "Humidity": header_value(hdr, "Humidity"),
+        "volume_analysed_ml": ml_analyzed(adc, hdr, schema),
+    }
+
+
+def read_text(path: str, storage_options: dict | None) -> str:
+    with fsspec.open(path, "rb", **(storage_options or {})) as fh:
+        return fh.read().decode("latin-1")  # headers are ASCII; latin-1 never fails, so bad bytes fail as numbers
+
+
+def protocol_prefix(path: str) -> str:
+    protocol = fsspec.utils.get_protocol(path)
+    return "" if protocol == "file" else f"{protocol}://"
+
+
+def split_bin_file(path: str) -> tuple[str, str] | None:
+    """(stem path, extension) when ``path`` is a .adc/.hdr/.roi file named like a bin, else None."""
+    stem, dot, ext = path.rpartition(".")
+    if not dot or f".{ext}" not in EXTENSIONS:
+        return None
+    lid = stem.rsplit("/", 1)[-1]
+    return (stem, f".{ext}") if bin_schema(lid) else None
+
+
+def find_bins(path: str, storage_options: dict | None) -> dict[str, dict[str, int]]:
+    """Bins under ``path`` (a bin file or a folder): stem path -> {extension: size in bytes}."""
+    fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    prefix = protocol_prefix(path)
+    if fs.isdir(fpath):
+        listing = {name: info.get("size") or 0 for name, info in fs.find(fpath, detail=True).items()}
+    elif fs.exists(fpath):
+        found = split_bin_file(fpath)
+        if found is None:
+            raise InputError(f"{path}: not an IFCB bin file (.adc/.hdr/.roi named like a bin)")
+        listing = {}
+        for ext in EXTENSIONS:
+            try:
+                listing[found[0] + ext] = fs.info(found[0] + ext).get("size") or 0
+            except FileNotFoundError:
+                continue
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    bins: dict[str, dict[str, int]] = {}
+    for name, size in listing.items():
+        if found := split_bin_file(name):
+            bins.setdefault(prefix + found[0], {})[found[1]] = int(size)
+    if not bins:
+        raise InputError(f"{path}: no IFCB bins found (.adc/.hdr/.roi files named like IFCB bins)")
+    return bins
+
+
+def scan_bin(stem: str, sizes: dict[str, int], source: str, storage_options: dict | None) -> Item:
+    """One bin as an Item with its exact image count, or with an error saying why it cannot be read."""
+    lid = stem.rsplit("/", 1)[-1]
+    schema = bin_schema(lid)
+    info = {"lid": lid, "schema": schema, "source": source, **{ext[1:]: stem + ext for ext in EXTENSIONS}}
+    total = sum(sizes.values())
+
+    def failed(problem: str) -> Item:
+        return Item(source=stem, rows=0, size=total, info=info, error=f"{stem}: {problem}")
+
+    if all(size == 0 for size in sizes.values()):
+        return failed("all files are empty")
+    for ext in EXTENSIONS:
+        if ext not in sizes:
+            return failed(f"no {ext} file (partial bin)")
+    if sizes[".adc"] == 0:
+        return failed("header-only bin (.adc and .roi are empty)" if sizes[".roi"] == 0 else "empty .adc (no triggers)")
+    if sizes[".hdr"] == 0:
+        return failed("empty .hdr")
+    try:
+        bin_time(lid)
+        adc = parse_adc(read_text(stem + ".adc", storage_options), schema, name=stem + ".adc")
+    except InputError as e:
+        return Item(source=stem, rows=0, size=total, info=info, error=str(e))
+    except OSError as e:
+        return failed(f"cannot read the .adc ({' '.join(str(e).split())[:200]})")
+    lines = image_lines(adc)
+    ends = adc["start_byte"][lines] + adc["width"][lines] * adc["height"][lines]
+    if len(lines) and ends.max() > sizes[".roi"]:
+        beyond = int(np.flatnonzero(ends > sizes[".roi"])[0])
+        start, end = int(adc["start_byte"][lines[beyond]]), int(ends[beyond])
+        return failed(f".roi is {sizes['.roi']} bytes but ROI {lines[beyond] + 1} needs bytes {start}..{end}")
+    return Item(source=stem, rows=len(lines), size=total, info=info)
+
+
+class IFCBReader(Reader):
+    name = "ifcb"
+    description = "IFCB raw bins (.hdr + .adc + .roi, schema v1 and v2), one image per non-empty ROI"
+
+    def guess_can_open(self, path: str, *, storage_options: dict | None = None) -> bool:
+        path = str(path)
+        if split_bin_file(path):
+            return True
+        try:
+            fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            if not fs.isdir(fpath):
+                return False
+            return any(split_bin_file(name) for _, _, files in fs.walk(fpath) for name in files)
+        except (OSError, ValueError):
+            return False
+
+    def plan(self, path: str, *, source: str | None = None, storage_options: dict | None = None) -> list[Item]:
+        bins = find_bins(str(path), storage_options)
+        order = sorted(bins, key=lambda stem: (stem.rsplit("/", 1)[-1], stem))
+        with ThreadPoolExecutor(max_workers=min(PLAN_THREADS, len(order))) as pool:
+            return list(pool.map(lambda stem: scan_bin(stem, bins[stem], source or DEFAULT_SOURCE, storage_options),
+                                 order))
+
+    def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
+        info = item.info
+        if item.error:
+            raise InputError(item.error)
+        if not 0 <= first <= stop <= item.rows:
+            raise InputError(f"{item.source}: rows {first}..{stop} out of range (bin has {item.rows} images)")
+        lid, schema, source = info["lid"], info["schema"], info["source"]
+        adc = parse_adc(read_text(info["adc"], storage_options), schema, name=info["adc"])
+        lines = image_lines(adc)
+        if len(lines) != item.rows:
+            raise InputError(f"{info['adc']}: has {len(lines)} images now, {item.rows} when planned")
+        metadata = bin_metadata(lid, parse_hdr(read_text(info["hdr"], storage_options)), adc, schema)
+        wanted = lines[first:stop]
+        if not len(wanted):
+            return records([])
+        starts = adc["start_byte"][wanted].astype(np.int64)
+        widths, heights = adc["width"][wanted].astype(np.int64), adc["height"][wanted].astype(np.int64)
+        # read only the byte range these ROIs span: .roi files can be hundreds of MB
+        low, high = int(starts.min()), int((starts + widths * heights).max())
+        with fsspec.open(info["roi"], "rb", **(storage_options or {})) as fh:
+            fh.seek(low)
+            buf = fh.read(high - low)
+        if len(buf) != high - low:
+            raise InputError(f"{info['roi']}: ended at byte {low + len(buf)}, ROIs need bytes up to {high}")
+        rows = []
+        for line, start, width, height in zip(wanted, starts, widths, heights, strict=True):
+            pixels = np.frombuffer(buf, np.uint8, count=width * height, offset=start - low).reshape(height, width)
+            roi_name = f"{lid}_{line + 1:05d}"
+            rows.append({
+                "image": {"bytes": encode_png(pixels), "path": f"{roi_name}.png"},
+                "dataset": source,
+                "instrument": "IFCB",
+                "original_label": "",  # raw bins carry no labels
+                "original_path": f"/{lid}/{roi_name}.png",
+                "ObjID": roi_name,
+                **metadata,
+            })
+        return records(rows)
