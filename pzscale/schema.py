@@ -146,6 +146,14 @@ def lineage(ranks: list[str | None]) -> str:
     return " ".join(r.strip().lower() for r in ranks if r and r.strip())
 
 
+def instrument_family(text: str) -> str:
+    """Instrument family for an instrument name as written by a source (``uvp6``, ``zooscan_nan``,
+    ``IFCB``); unknown names are kept as written."""
+    t = text.strip().lower()
+    matches = [f for f in INSTRUMENT_FAMILIES if t.startswith(f.lower())]
+    return max(matches, key=len) if matches else text.strip()
+
+
 def instrument_of(source: str) -> str:
     """Instrument family for a source name; sources named '<anything>_<instrument>' map by suffix."""
     if source in SOURCE_INSTRUMENTS:

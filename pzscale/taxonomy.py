@@ -128,6 +128,6 @@ def unmapped(mappings: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.Da
     m = mappings[(mappings["label"] != "") & (mappings["lineage"] == "")]
     if table is not None:
         known = set(table.index)
-        m = m[[(s, lab) not in known for s, lab in zip(m["source"], m["label"], strict=True)]]
+        m = m.loc[np.array([(s, lab) not in known for s, lab in zip(m["source"], m["label"], strict=True)], bool)]
     out = m.groupby(["source", "label"], as_index=False)["images"].sum()
     return out.sort_values(["images", "source", "label"], ascending=[False, True, True]).reset_index(drop=True)

@@ -42,12 +42,40 @@ def test_demo_summarises_and_refuses_foreign_folders(tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", str(out), "--images", "400", "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert "400 images" in result.output and "results: catalog" in result.output
+    assert "500 images" in result.output and "results: catalog" in result.output  # 400 parquet + 100 IFCB
+    assert "(ifcb): rows 400..500" in result.output and "demo_cruise_ifcb 100" in result.output
     assert (out / "sample_grid.png").stat().st_size > 1000
     again = runner.invoke(app, ["demo", str(out), "--images", "200", "--workers", "1"])
-    assert again.exit_code == 0 and "200 images" in again.output
+    assert again.exit_code == 0 and "300 images" in again.output
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     result = runner.invoke(app, ["demo", str(foreign)])
     assert result.exit_code == 1 and (foreign / "thesis.tex").exists()
+
+
+@pytest.mark.cluster
+def test_synth_ifcb_ingest_and_taxonomy_report(tmp_path, shared_data):
+    bins, url = tmp_path / "bins", str(tmp_path / "cat.zarr")
+    result = runner.invoke(app, ["synth", str(bins), "--images", "150", "--format", "ifcb"])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((bins / "truth.json").read_text())
+    result = runner.invoke(app, ["ingest", str(bins), "--catalog", url, "--source", "cruise_ifcb",
+                                 "--shard-len", "64", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "status: ok=150" in result.output
+    table = str(shared_data / "planktonzilla" / "planktonzilla_taxonomy.csv")
+    result = runner.invoke(app, ["taxonomy", "report", "--catalog", url, "--table", table, "--out",
+                                 str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "unmapped (source, raw label): 0 pair(s)" in result.output  # raw bins carry no labels
+    assert "harpacticoida" in result.output
+    conflicts = (tmp_path / "report" / "conflicts.csv").read_text()
+    assert "zooscan" in conflicts and len(truth["bins"]) == 1
+
+
+def test_readers_lists_builtin_formats():
+    result = runner.invoke(app, ["readers"])
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == [
+        "parquet", "ifcb", "ecotaxa", "webdataset", "folder"]
