@@ -68,17 +68,22 @@ def apply(table: pd.DataFrame, columns: dict[str, np.ndarray], *, table_source: 
     Only rows with no taxonomy yet (empty lineage and root_class) are filled, so labels a
     source already harmonised (Planktonzilla parquet) are never overwritten. Rows are
     looked up by (source, original_label), or by (``table_source``, original_label) to use
-    another collection's mapping (e.g. a new UVP5 cruise mapped like ``global_uvp5``).
+    another collection's mapping (e.g. a new UVP5 cruise mapped like ``global_uvp5``). A
+    label the table lacks is tried again as the deepest node of ``original_hierarchy``
+    (EcoTaxa's ``living>Eukaryota>...>Acantharea``).
     """
-    unlabelled = (columns["lineage"] == "") & (columns["root_class"] == "")
-    todo = np.flatnonzero(unlabelled & (columns["original_label"] != ""))
-    if not len(todo):
-        return
-    keys = pd.MultiIndex.from_arrays([
-        np.full(len(todo), table_source, dtype=object) if table_source else columns["source"][todo],
-        columns["original_label"][todo],
-    ])
-    found = table.reindex(keys)
+    deepest = np.array([h.rsplit(">", 1)[-1].strip() for h in columns["original_hierarchy"]], dtype=object)
+    for labels in (columns["original_label"], deepest):
+        unlabelled = (columns["lineage"] == "") & (columns["root_class"] == "")
+        todo = np.flatnonzero(unlabelled & (labels != ""))
+        if len(todo):
+            _fill(table, columns, todo, labels[todo], table_source)
+
+
+def _fill(table: pd.DataFrame, columns: dict[str, np.ndarray], todo: np.ndarray, labels: np.ndarray,
+          table_source: str | None) -> None:
+    sources = np.full(len(todo), table_source, dtype=object) if table_source else columns["source"][todo]
+    found = table.reindex(pd.MultiIndex.from_arrays([sources, labels]))
     hit = found["root_class"].notna().to_numpy()
     rows, found = todo[hit], found[hit]
     for rank in RANKS:
@@ -88,8 +93,7 @@ def apply(table: pd.DataFrame, columns: dict[str, np.ndarray], *, table_source: 
     columns["plankton"][rows] = found["plankton"].str.lower().eq("true").to_numpy()
     for col, var in ID_COLUMNS.items():
         if var == "aphia_id":
-            aphia = pd.to_numeric(found[col], errors="coerce").fillna(0).astype(np.int64).to_numpy()
-            columns["aphia_id"][rows] = aphia
+            columns["aphia_id"][rows] = pd.to_numeric(found[col], errors="coerce").fillna(0).astype(np.int64)
         else:
             columns[var][rows] = found[col].to_numpy(dtype=object)
 
