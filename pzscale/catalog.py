@@ -205,20 +205,63 @@ def write_rows(group: zarr.Group, start: int, stop: int, columns: dict[str, np.n
     missing = set(VARIABLE_NAMES) - set(columns)
     if missing:
         raise CatalogError(f"write of rows [{start}, {stop}) lacks variables {sorted(missing)}")
+    write_arrays(group, start, stop, {name: columns[name] for name in VARIABLE_NAMES})
+
+
+def write_arrays(group: zarr.Group, start: int, stop: int, columns: dict[str, np.ndarray]) -> None:
+    """Write whole shards [start, stop) of the named arrays (a stage's outputs), all at once."""
     arrays = _checked_arrays(group, f"write of rows [{start}, {stop})")
     check_aligned(start, stop, arrays["image_id"].shape[0], metadata(group)["shard_len"])
-    for name in VARIABLE_NAMES:
-        if len(columns[name]) != stop - start:
-            raise CatalogError(f"variable {name} has {len(columns[name])} values for {stop - start} rows")
+    unknown = sorted(set(columns) - set(arrays))
+    if unknown:
+        raise CatalogError(f"write of rows [{start}, {stop}): no arrays {unknown} in the catalog")
+    for name, values in columns.items():
+        if len(values) != stop - start:
+            raise CatalogError(f"variable {name} has {len(values)} values for {stop - start} rows")
 
     async def write_all() -> None:
         # One round trip to zarr's event loop for all arrays instead of one per array
         # (half the write time on local disk; on S3 the PUTs overlap).
-        await asyncio.gather(*(
-            arrays[n].async_array.setitem(slice(start, stop), columns[n]) for n in VARIABLE_NAMES
-        ))
+        await asyncio.gather(*(arrays[n].async_array.setitem(slice(start, stop), v) for n, v in columns.items()))
 
     sync(write_all())
+
+
+def ensure_array(
+    group: zarr.Group,
+    name: str,
+    *,
+    dtype: str,
+    fill: Any,
+    trailing: tuple[int, ...] = (),
+    dims: tuple[str, ...] = (),
+    attrs: dict | None = None,
+) -> zarr.Array:
+    """Create a stage's output array (rows x ``trailing``) sharded like every other, or check it.
+
+    Called from the client before a stage's tasks run; an existing array must have the same
+    dtype and trailing shape (a model's outputs keep their shape across runs).
+    """
+    present = dict(group.arrays())
+    n_rows, shard_len = present["image_id"].shape[0], metadata(group)["shard_len"]
+    if name in present:
+        arr = present[name]
+        same_dtype = arr.dtype.kind in "TUO" if dtype == "str" else arr.dtype == np.dtype(dtype)
+        if arr.shape[1:] != trailing or not same_dtype:
+            raise CatalogError(f"array {name} exists with dtype {arr.dtype} and shape {arr.shape}; "
+                               f"this stage writes {dtype} x {trailing}")
+        if arr.shape[0] < n_rows:
+            arr.resize((n_rows, *trailing))
+        return arr
+    # inner chunks of ~1 MB for wide rows (embeddings): the random-read unit; one per shard otherwise
+    inner = shard_len if not trailing else max(1, min(shard_len, 2**20 // (int(np.prod(trailing)) * 4)))
+    while shard_len % inner:
+        inner -= 1
+    return group.create_array(
+        name, shape=(n_rows, *trailing), shards=(shard_len, *trailing), chunks=(inner, *trailing),
+        dtype=str if dtype == "str" else dtype, fill_value=fill, dimension_names=[DIM, *dims],
+        attributes=attrs or {},
+    )
 
 
 def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = VARIABLE_NAMES) -> dict:
@@ -266,6 +309,16 @@ def done_shards(url: str, stage: str, *, storage_options: dict | None = None) ->
     return {int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names if n.endswith(".json")}
 
 
+def marker_infos(url: str, stage: str, *, storage_options: dict | None = None) -> dict[int, dict]:
+    """Every done marker of ``stage`` with its content (rows covered...), fetched in one batch."""
+    fs, root = _fs(url, storage_options)
+    shards = done_shards(url, stage, storage_options=storage_options)
+    paths = [f"{_marker_dir(root, stage)}/{s:06d}.json" for s in sorted(shards)]
+    bodies = fs.cat(paths) if paths else {}
+    by_path = {fs._strip_protocol(p): b for p, b in bodies.items()}
+    return {s: json.loads(by_path[fs._strip_protocol(p)]) for s, p in zip(sorted(shards), paths, strict=True)}
+
+
 def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, set[int]]:
     """Every stage with markers, and its finished shards."""
     fs, root = _fs(url, storage_options)
@@ -297,7 +350,8 @@ def open_catalog(url: str, *, storage_options: dict | None = None) -> xr.Dataset
     ds = xr.open_zarr(url, chunks={DIM: shard_len}, drop_variables=["image_bytes"], **kwargs)
     encoded = xr.open_zarr(url, chunks={DIM: min(BYTES_READ_CHUNK, shard_len)}, **kwargs)
     ds["image_bytes"] = encoded["image_bytes"]
-    ds = ds[list(VARIABLE_NAMES)]
+    extra = sorted(set(ds.data_vars) - set(VARIABLE_NAMES))  # stage outputs: embeddings, predictions, splits
+    ds = ds[[*VARIABLE_NAMES, *extra]]
     ds.attrs = {ATTRS_KEY: metadata(group)}
     return ds
 
@@ -330,7 +384,7 @@ def checksums(url: str, *, storage_options: dict | None = None) -> dict[str, str
         for _, start, stop in shard_ranges(0, n_rows, shard_len):
             block = arr[start:stop]
             if block.dtype.kind in "OTU" or block.dtype == object:
-                for value in block:
+                for value in block.ravel():
                     item = value.encode() if isinstance(value, str) else bytes(value)
                     digest.update(len(item).to_bytes(8, "little") + item)
             else:

@@ -143,6 +143,143 @@ def taxonomy_report(
         typer.echo(f"\nwrote {out / 'unmapped.csv'} and {out / 'conflicts.csv'}")
 
 
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model directory (model_card.json + weights)")]
+
+
+def _client(scheduler: str | None, workers: int | None):
+    from pzscale.cluster import connect
+
+    return connect(scheduler, n_workers=workers)
+
+
+@app.command()
+def split(
+    catalog_url: CatalogOpt,
+    seed: Annotated[int, typer.Option(help="random seed of the split")] = 42,
+    unseen: Annotated[list[str] | None, typer.Option(help="hold out this whole source as 'unseen' (repeat)")] = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Record a stratified 60/20/20 train/val/test split per source and label in the catalog."""
+    from pzscale.split import assign_splits
+
+    try:
+        counts = assign_splits(catalog_url, seed=seed, unseen_sources=tuple(unseen or ()),
+                               storage_options=_storage_options(storage_options))
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo("split: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+def train(
+    catalog_url: CatalogOpt,
+    out: Annotated[Path, typer.Option(help="model directory to write")],
+    name: Annotated[str, typer.Option(help="model name")] = "pzscale-cnn",
+    version: Annotated[str, typer.Option(help="model version")] = "1",
+    backbone: Annotated[str | None, typer.Option(
+        help="model directory whose stored embeddings to train a head on (default: train the built-in CNN)")] = None,
+    head: Annotated[str, typer.Option(help="linear or mlp")] = "linear",
+    epochs: Annotated[int, typer.Option()] = 10,
+    image_size: Annotated[int, typer.Option(help="input size of the built-in CNN")] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Train a classifier on the catalog's train split (run `pzscale split` first)."""
+    from pzscale.train import train as fit
+
+    try:
+        card = fit(catalog_url, str(out), name=name, version=version, backbone_dir=backbone, head=head,
+                   epochs=epochs, image_size=image_size, seed=seed, storage_options=_storage_options(storage_options),
+                   log=typer.echo)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(f"model {card.id} ({len(card.classes)} classes) saved in {out}")
+
+
+@app.command()
+def embed(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Store float16 image embeddings of a model in the catalog (resumable, incremental)."""
+    from pzscale.embed import embed as run
+
+    try:
+        with _client(scheduler, workers) as client:
+            report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta,
+                         storage_options=_storage_options(storage_options))
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(str(report))
+
+
+def _classify(catalog_url: str, model: str, batch_size: int, top_k: int, tta: bool, scheduler: str | None,
+              workers: int | None, storage_options: str | None) -> None:
+    from pzscale.classify import classify as run
+
+    try:
+        with _client(scheduler, workers) as client:
+            report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
+                         storage_options=_storage_options(storage_options))
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(str(report))
+
+
+@app.command()
+def classify(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    top_k: Annotated[int, typer.Option()] = 5,
+    tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
+    _classify(catalog_url, model, batch_size, top_k, tta, scheduler, workers, storage_options)
+
+
+@app.command()
+def reclassify(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    top_k: Annotated[int, typer.Option()] = 5,
+    tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Classify only the rows without a prediction from this model version (e.g. an appended cruise)."""
+    _classify(catalog_url, model, batch_size, top_k, tta, scheduler, workers, storage_options)
+
+
+@app.command()
+def evaluate(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    split_name: Annotated[str, typer.Option("--split", help="train, val, test or unseen")] = "test",
+    storage_options: StorageOpt = None,
+) -> None:
+    """Accuracy and macro-F1 at every rank, kingdom to species, of a model's stored predictions."""
+    from pzscale.evaluate import evaluate as run
+    from pzscale.models import ModelCard
+
+    try:
+        table = run(catalog_url, ModelCard.load(model).id, split=split_name,
+                    storage_options=_storage_options(storage_options))
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 @app.command("info")
 def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL")], storage_options: StorageOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
@@ -158,6 +295,7 @@ def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL")], storage_op
 def demo(
     out: Annotated[Path, typer.Argument(help="folder for the demo's inputs and catalog")] = Path("demo-output"),
     images: Annotated[int, typer.Option("--images", "-n")] = 6000,
+    epochs: Annotated[int, typer.Option(help="training epochs of the demo model")] = 6,
     workers: WorkersOpt = None,
 ) -> None:
     """Synthesise a Planktonzilla collection and a cruise of raw IFCB bins, ingest both into one
@@ -179,16 +317,30 @@ def demo(
     n_rois = max(100, images // 5)
     synth_ifcb(bins, images=n_rois, seed=0)
     typer.echo(f"synthesised {images} images in {parquet} and {n_rois} IFCB ROIs in raw bins under {bins}")
+    from pzscale.classify import classify as run_classify
+    from pzscale.evaluate import evaluate as run_evaluate
+    from pzscale.split import assign_splits
+    from pzscale.train import train as fit
+
+    model_dir = out / "model"
     with connect(n_workers=workers) as client:
         report = run([str(parquet)], url, shard_len=1024, client=client)
         typer.echo(str(report))
         typer.echo("appending the IFCB cruise (native format) to the same catalog:")
         report = run([str(bins)], url, format="ifcb", source="demo_cruise_ifcb", append=True, client=client)
-    typer.echo(str(report))
-    typer.echo(info.format_summary(info.summarize(url)))
+        typer.echo(str(report))
+        typer.echo(info.format_summary(info.summarize(url)))
+        counts = assign_splits(url, seed=42)
+        typer.echo("\nsplit: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
+        typer.echo(f"training the built-in CNN on the train split -> {model_dir}")
+        card = fit(url, str(model_dir), epochs=epochs, log=lambda line: typer.echo("  " + line))
+        typer.echo(str(run_classify(url, str(model_dir), client=client)))
+    table = run_evaluate(url, card.id, split="test")
+    typer.echo(f"\nmodel {card.id} on the held-out test split (macro-F1 per rank, Planktonzilla truncation):")
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     grid = out / "sample_grid.png"
     _contact_sheet(url, grid)
-    typer.echo(f"\nresults: catalog {url} (open with pzscale.open_catalog), sample images {grid}, "
+    typer.echo(f"\nresults: catalog {url} (open with pzscale.open_catalog), model {model_dir}, sample images {grid}, "
                f"planted duplicates and corrupt rows {parquet / 'truth.json'} "
                f"({len(truth['duplicates'])} duplicates, {len(truth['corrupt'])} corrupt)")
 

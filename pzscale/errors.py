@@ -19,3 +19,7 @@ class ShardAlignmentError(CatalogError):
 
 class StageError(PzscaleError, RuntimeError):
     """One or more shard tasks of a stage failed; finished shards stay marked done."""
+
+
+class ModelError(PzscaleError, ValueError):
+    """A model directory or checkpoint cannot be loaded (missing, corrupt, or unsafe to unpickle)."""

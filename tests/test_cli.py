@@ -40,12 +40,13 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
 @pytest.mark.cluster
 def test_demo_summarises_and_refuses_foreign_folders(tmp_path):
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", str(out), "--images", "400", "--workers", "1"])
+    result = runner.invoke(app, ["demo", str(out), "--images", "400", "--epochs", "1", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "500 images" in result.output and "results: catalog" in result.output  # 400 parquet + 100 IFCB
     assert "(ifcb): rows 400..500" in result.output and "demo_cruise_ifcb 100" in result.output
+    assert "macro_f1" in result.output and "species" in result.output and (out / "model" / "model_card.json").exists()
     assert (out / "sample_grid.png").stat().st_size > 1000
-    again = runner.invoke(app, ["demo", str(out), "--images", "200", "--workers", "1"])
+    again = runner.invoke(app, ["demo", str(out), "--images", "200", "--epochs", "1", "--workers", "1"])
     assert again.exit_code == 0 and "300 images" in again.output
     foreign = tmp_path / "mine"
     foreign.mkdir()

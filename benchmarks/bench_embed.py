@@ -1,0 +1,124 @@
+"""Embedding throughput of the embed stage against a bare torch loop (the ceiling).
+
+The ceiling runs the same model, batch size and torch threads over tensors preloaded in
+memory (decoded, letterboxed, normalised beforehand); pzscale's ``embed`` stage reads the
+catalog, decodes, letterboxes, runs the model and writes float16 embeddings, on a
+LocalCluster of 1 and 2 worker processes (one torch thread each). Two models: the built-in
+CNN at 64 px (decode-bound) and an open_clip ViT-B-16 at 224 px with random weights (the
+Planktonzilla architecture; compute-bound). Writes ``benchmarks/results/embed--<host>--<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from distributed import Client, LocalCluster
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_ingest import machine, stats  # noqa: E402
+
+from pzscale import catalog, images  # noqa: E402
+from pzscale.embed import embed  # noqa: E402
+from pzscale.ingest import ingest  # noqa: E402
+from pzscale.models import (  # noqa: E402
+    ModelCard,
+    builtin_backbone,
+    import_checkpoint,
+    load_model,
+    save_model,
+)
+from pzscale.preprocess import prepare_batch  # noqa: E402
+from pzscale.synth import synth  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def make_models(work: Path) -> dict[str, str]:
+    torch.manual_seed(0)
+    cnn = str(work / "cnn")
+    save_model(cnn, ModelCard(name="bench-cnn", version="1", kind="builtin", architecture="pzcnn-small",
+                              embed_dim=128, image_size=64, mean=(0.5,) * 3, std=(0.25,) * 3), builtin_backbone(128))
+    import open_clip
+
+    vit = open_clip.create_model("ViT-B-16", pretrained=None)
+    torch.save(vit.state_dict(), work / "vit.pt")
+    import_checkpoint(work / "vit.pt", kind="open_clip", architecture="ViT-B-16", out_dir=work / "vit",
+                      name="bench-vit-b-16", version="random")
+    return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit")}
+
+
+def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    card = model.card
+    batches = [prepare_batch(pixels[i:i + batch_size], size=card.image_size, mean=card.mean, std=card.std)[0]
+               for i in range(0, len(pixels), batch_size)]
+    model.embed(batches[0])  # warm-up
+    start = time.perf_counter()
+    for x in batches:
+        model.embed(x)
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int) -> list[float]:
+    rates = []
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+            Client(c) as client:
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
+                copy = f"{tmp}/cat.zarr"
+                shutil.copytree(url, copy)
+                start = time.perf_counter()
+                embed(copy, model_dir, client=client, batch_size=batch_size, progress=False)
+                rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    (HERE / "data").mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=HERE / "data"))
+    try:
+        synth(work / "src", images=args.images, seed=3)
+        url = str(work / "cat.zarr")
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+                Client(c) as client:
+            ingest([str(work / "src")], url, shard_len=128, client=client, progress=False)
+        group = catalog.open_group(url)
+        ok = np.flatnonzero(group["status"][:] == "ok")
+        pixels = [images.decode(bytes(b)) for b in group["image_bytes"].get_orthogonal_selection((ok,))]
+        n = catalog.n_rows_of(group)
+        results: dict = {"metadata": {"machine": machine(), "suite": "embed", "images": n, "decoded": len(ok),
+                                      "batch_size": args.batch_size, "repeats": args.repeats,
+                                      "device": "cpu", "shard_len": 128}, "results": {}}
+        for label, model_dir in make_models(work).items():
+            res = results["results"][label] = {}
+            for workers in (1, 2):
+                bare = [bare_loop(model_dir, pixels, args.batch_size, workers) for _ in range(args.repeats)]
+                piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n)
+                res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
+                                      "ratio": statistics.median(piped) / statistics.median(bare)}
+                print(label, workers, json.dumps(res[f"{workers}w"]), flush=True)
+        out = HERE / "results" / f"embed--{socket.gethostname()}--cpu.json"
+        out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

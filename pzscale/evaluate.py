@@ -1,0 +1,58 @@
+"""Evaluation of stored predictions: accuracy and macro-F1 at every rank, Planktonzilla-style.
+
+At rank k (kingdom = 1 ... species = 7) true and predicted lineages are truncated to their
+first k words; a lineage shorter than k contributes its full string ("evaluated only at
+ranks where annotated"). Labels without a lineage (detritus, bubble) are one-word strings.
+"""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score
+
+from pzscale import catalog
+from pzscale.errors import CatalogError
+from pzscale.schema import RANKS
+from pzscale.split import SPLIT, targets
+
+
+def _shard(url: str, start: int, stop: int, label: str, split: str, so: dict | None) -> tuple[list, list]:
+    group = catalog.open_group(url, storage_options=so, check=False)
+    cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status", label])
+    truth = targets(cols)
+    keep = (cols[SPLIT] == split) & (truth != "") & (cols[label] != "")
+    return truth[keep].tolist(), cols[label][keep].tolist()
+
+
+def truncate(lineages: list[str], depth: int) -> list[str]:
+    return [" ".join(text.split()[:depth]) for text in lineages]
+
+
+def scores(truth: list[str], predicted: list[str]) -> pd.DataFrame:
+    """Accuracy and macro-F1 per rank for paired lineage strings."""
+    rows = []
+    for depth, rank in enumerate(RANKS, start=1):
+        t, p = truncate(truth, depth), truncate(predicted, depth)
+        rows.append({"rank": rank, "images": len(t), "classes": len(set(t)),
+                     "accuracy": float(np.mean(np.array(t) == np.array(p))) if t else float("nan"),
+                     "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)) if t else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def evaluate(url: str, model_id: str, *, split: str = "test", storage_options: dict | None = None) -> pd.DataFrame:
+    """Scores of model ``model_id``'s stored predictions on the rows of ``split``."""
+    group = catalog.open_group(url, storage_options=storage_options)
+    label = f"pred__{model_id}__label"
+    arrays = dict(group.arrays())
+    for needed, hint in ((label, "pzscale classify"), (SPLIT, "pzscale split")):
+        if needed not in arrays:
+            raise CatalogError(f"{url}: no {needed}; run {hint} first")
+    ranges = catalog.shard_ranges(0, catalog.n_rows_of(group), catalog.metadata(group)["shard_len"])
+    parts = dask.compute(*[dask.delayed(_shard)(url, a, b, label, split, storage_options) for _, a, b in ranges])
+    truth = [t for p in parts for t in p[0]]
+    predicted = [t for p in parts for t in p[1]]
+    if not truth:
+        raise CatalogError(f"{url}: no labelled, classified rows in split {split!r}")
+    return scores(truth, predicted)

@@ -1,0 +1,164 @@
+"""Running a model over catalog shards: the model cached once per worker, images of a shard
+decoded and preprocessed in batches, CUDA out-of-memory handled by halving the batch.
+
+Shared by the ``embed`` and ``classify`` stages (which never import each other).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pzscale import catalog, images
+from pzscale.models import LoadedModel, load_model
+from pzscale.preprocess import prepare_batch
+from pzscale.schema import RANKS, STATUS_OK
+
+_LOADED: dict[tuple[str, str], LoadedModel] = {}
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_on_worker(model_dir: str, device: str | None = None) -> LoadedModel:
+    """The model, loaded once per process: by ``ModelPlugin.setup`` on a worker, or on first use."""
+    key = (os.path.abspath(model_dir), device or pick_device())
+    if key not in _LOADED:
+        _LOADED[key] = load_model(key[0], device=key[1])
+    return _LOADED[key]
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads a model on every worker when registered, so tasks never reload it.
+
+    The name is fixed per model directory and device, so registering again is a no-op.
+    """
+
+    def __init__(self, model_dir: str, device: str | None = None):
+        self.model_dir, self.device = os.path.abspath(model_dir), device
+        self.name = f"pzscale-model-{self.model_dir}-{device or 'auto'}"
+
+    def setup(self, worker: Any) -> None:
+        # One torch thread per Dask thread: worker processes already use every core.
+        torch.set_num_threads(max(1, worker.state.nthreads))
+        model_on_worker(self.model_dir, self.device)
+
+    def teardown(self, worker: Any) -> None:
+        _LOADED.pop((self.model_dir, self.device or pick_device()), None)
+
+
+def in_batches(fn: Callable[[int, int], Any], n: int, batch_size: int) -> list[Any]:
+    """``fn(start, stop)`` over ``range(n)`` in batches; on CUDA out-of-memory the batch is
+    halved and retried (down to one image), never failed."""
+    out, start = [], 0
+    while start < n:
+        stop = min(n, start + batch_size)
+        try:
+            out.append(fn(start, stop))
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    return out
+
+
+def decode_rows(group: Any, start: int, stop: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows of [start, stop) whose image decoded at ingest (positions relative to start), and their pixels."""
+    status = group["status"][start:stop]
+    ok = np.flatnonzero(status == STATUS_OK)
+    encoded = group["image_bytes"].get_orthogonal_selection((ok + start,)) if len(ok) else []
+    return ok, [images.decode(bytes(b)) for b in encoded]
+
+
+def forward(model: LoadedModel, pixels: list[np.ndarray], *, batch_size: int, with_logits: bool,
+            tta: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Embeddings (n, D) float32, class probabilities (n, C) or None, and letterbox scales (n,).
+
+    With ``tta`` the probabilities (and embeddings) are averaged over the 8 rotations/flips.
+    """
+    from pzscale.augment import tta_views
+
+    card = model.card
+    scales = np.zeros(len(pixels), np.float32)
+
+    def run(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        x, scales[a:b] = prepare_batch(pixels[a:b], size=card.image_size, mean=card.mean, std=card.std,
+                                       device=model.device)
+        views = tta_views(x) if tta else [x]
+        with torch.no_grad():
+            per_view = [model.embed(v) for v in views]
+            emb = torch.stack(per_view).mean(0)
+            probs = None
+            if with_logits:
+                probs = torch.stack([model.head(e).softmax(-1) for e in per_view]).mean(0)
+        return emb.float().cpu().numpy(), None if probs is None else probs.float().cpu().numpy()
+
+    parts = in_batches(run, len(pixels), batch_size)
+    if not parts:
+        return (np.zeros((0, card.embed_dim), np.float32), np.zeros((0, len(card.classes)), np.float32)
+                if with_logits else None, scales)
+    emb = np.concatenate([p[0] for p in parts])
+    probs = np.concatenate([p[1] for p in parts]) if with_logits else None
+    return emb, probs, scales
+
+
+def rank_groups(classes: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """For each rank, the distinct lineage prefixes and the class -> prefix index.
+
+    A class whose lineage is shorter than the rank keeps its full lineage there, as the
+    Planktonzilla evaluation truncates lineages.
+    """
+    out = {}
+    for depth, rank in enumerate(RANKS, start=1):
+        prefixes = [" ".join(c.split()[:depth]) for c in classes]
+        names = sorted(set(prefixes))
+        index = {p: i for i, p in enumerate(names)}
+        out[rank] = (names, np.array([index[p] for p in prefixes], dtype=np.int64))
+    return out
+
+
+def incremental_tasks(url: str, stage: str, *, storage_options: dict | None = None) -> tuple[list[dict], int]:
+    """One task per shard with rows a stage has not covered yet, and the count of shards skipped.
+
+    A marker records the rows it covers, so after a collection is appended only the new rows
+    are computed: whole new shards, and the new tail of the shard that was last before.
+    """
+    group = catalog.open_group(url, storage_options=storage_options)
+    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
+    done = {s: info["rows"][1] for s, info in catalog.marker_infos(url, stage, storage_options=storage_options)
+            .items()}
+    tasks, skipped = [], 0
+    for shard, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
+        row_from = max(start, done.get(shard, start))
+        if row_from >= stop:
+            skipped += 1
+        else:
+            tasks.append({"shard": shard, "start": start, "row_from": row_from, "stop": stop})
+    return tasks, skipped
+
+
+def keep_done_rows(group: Any, start: int, row_from: int, new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Prefix the new rows' values with the stored values of rows [start, row_from), already done,
+    so the write still covers the whole shard and earlier results stay byte for byte."""
+    if row_from == start:
+        return new
+    return {name: np.concatenate([group[name][start:row_from].astype(v.dtype), v]) for name, v in new.items()}
+
+
+def gpu_resources(client: Any) -> dict | None:
+    """``{"GPU": 1}`` when the cluster has GPU workers (dask-cuda with --resources GPU=1), else None.
+
+    Asking for a resource no worker has would leave tasks pending forever, so look first.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None

@@ -1,0 +1,619 @@
+"""Model directories: a JSON card plus weight files, loaded into an image backbone and an optional class head.
+
+A model directory holds ``model_card.json`` and the weight files it names. Three kinds of backbone:
+
+- ``builtin``: a small CNN (``builtin_backbone``) that trains on a CPU in minutes, for tests and small catalogs;
+- ``open_clip``: the image tower of an open_clip model (the released Planktonzilla CLIP models are of this kind);
+- ``timm``: any timm image model, without its classifier.
+
+Nothing is ever downloaded: architectures are built from the libraries' own configs and weights come only
+from the directory. Pickled checkpoints are read with ``torch.load(weights_only=True)``, which refuses any
+pickle that would run code; such files raise ``ModelError``, they are never loaded another way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pzscale.errors import ModelError
+
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "LoadedModel",
+    "ModelCard",
+    "OpenClipImageTower",
+    "builtin_backbone",
+    "import_checkpoint",
+    "load_model",
+    "make_head",
+    "read_state_dict",
+    "save_model",
+]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CARD_FILE = "model_card.json"
+KINDS = ("builtin", "open_clip", "timm")
+HEADS = ("linear", "mlp")
+BUILTIN_ARCHITECTURE = "pzcnn-small"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# ---------------------------------------------------------------- the card
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how to feed it and which files hold it; stored as ``model_card.json``."""
+
+    name: str
+    version: str
+    kind: str
+    architecture: str
+    embed_dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: list[str] = field(default_factory=list)
+    head: str | None = None
+    training_data_sha256: str = ""
+    weights: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    created: str = ""
+    pzscale: str = ""
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; the card promises tuples, and equality between a saved and a loaded card needs them.
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        self.embed_dim = int(self.embed_dim)
+        self.image_size = int(self.image_size)
+        problems = []
+        if not self.name:
+            problems.append("name is empty")
+        if self.kind not in KINDS:
+            problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.head is not None and self.head not in HEADS:
+            problems.append(f"head {self.head!r} is not one of {', '.join(HEADS)} or null")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            problems.append("mean and std need 3 values (R, G, B)")
+        if any(v <= 0 for v in self.std):
+            problems.append("std values must be positive")
+        if self.embed_dim < 1 or self.image_size < 1:
+            problems.append("embed_dim and image_size must be positive")
+        if problems:
+            raise ModelError(f"invalid model card {self.name!r}: {'; '.join(problems)}")
+
+    @property
+    def id(self) -> str:
+        """``name-version`` lowercased with anything outside ``[a-z0-9_.-]`` replaced, safe in a Zarr array name."""
+        safe = re.sub(r"[^a-z0-9_.-]+", "-", f"{self.name}-{self.version}".lower())
+        return re.sub(r"-{2,}", "-", safe).strip("-.") or "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as plain JSON types."""
+        return dataclasses.asdict(self)
+
+    def save(self, model_dir: str | os.PathLike) -> None:
+        """Write ``model_card.json`` into ``model_dir`` (created if needed), replacing any previous card atomically."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = model_dir / f".{CARD_FILE}.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(model_dir / CARD_FILE)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> ModelCard:
+        """Read ``model_dir/model_card.json``; ModelError if it is missing, not JSON, or not a valid card."""
+        path = Path(model_dir) / CARD_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            what = "no model card (model_card.json)" if Path(model_dir).is_dir() else "no such model directory"
+            raise ModelError(f"{path}: {what}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: unreadable model card: {_one_line(e)}") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: a model card must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f))
+        if unknown or missing:
+            parts = ([f"unknown fields {unknown}"] if unknown else []) + (
+                [f"missing fields {missing}"] if missing else []
+            )
+            raise ModelError(f"{path}: invalid model card: {'; '.join(parts)}")
+        try:
+            return cls(**data)
+        except ModelError as e:
+            raise ModelError(f"{path}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{path}: invalid model card: {_one_line(e)}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+# ---------------------------------------------------------------- networks
+
+
+def builtin_backbone(embed_dim: int = 128) -> nn.Module:
+    """A small CNN (~0.6 M parameters) for 64..128 px plankton images that trains on a CPU in minutes.
+
+    Four stride-2 stages (32, 64, 128, 256 channels) with batch norm, global average pooling and a linear
+    projection to ``embed_dim``. Accepts (N, 3, S, S) for any S >= 32 (pooling makes it size-agnostic).
+    """
+
+    def conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *conv(3, 32, 2),
+        *conv(32, 64, 2),
+        *conv(64, 64, 1),
+        *conv(64, 128, 2),
+        *conv(128, 128, 1),
+        *conv(128, 256, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, embed_dim),
+    )
+
+
+def make_head(kind: str, embed_dim: int, n_classes: int) -> nn.Module:
+    """A class head on embeddings: ``"linear"``, or ``"mlp"`` (one hidden layer of ``embed_dim``, ReLU, dropout 0.1)."""
+    if n_classes < 1:
+        raise ModelError(f"a {kind} head needs at least one class, got {n_classes}")
+    if kind == "linear":
+        return nn.Linear(embed_dim, n_classes)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Linear(embed_dim, n_classes)
+        )
+    raise ModelError(f"unknown head kind {kind!r}; use one of {', '.join(HEADS)}")
+
+
+class OpenClipImageTower(nn.Module):
+    """The image tower of an open_clip CLIP model: ``forward(x) == clip.encode_image(x)``.
+
+    Only the tower is kept (the text tower is most of a CLIP model's memory for the small ViTs). Its state
+    dict keys are those of the full model (``visual.*``), so a saved tower reloads through the same path.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+
+# ---------------------------------------------------------------- loaded models
+
+
+class LoadedModel:
+    """A backbone (and optional head) in eval mode on one device, with the card that describes it."""
+
+    def __init__(
+        self, card: ModelCard, backbone: nn.Module, head: nn.Module | None, device: str | torch.device = "cpu"
+    ) -> None:
+        self.card = card
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device).eval()
+        self.head = head.to(self.device).eval() if head is not None else None
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.card.id}, {self.card.kind} {self.card.architecture}, device={self.device})"
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised float images -> (N, embed_dim) float32 embeddings on ``device``."""
+        if self.backbone.training:  # a caller may have switched it to train mode (dropout, batch norm updates)
+            self.backbone.eval()
+        return self.backbone(x.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised float images -> (N, len(card.classes)) class logits on ``device``."""
+        if self.head is None:
+            raise ModelError(f"model {self.card.id} has no class head; use embed() or a model with a head")
+        if self.head.training:
+            self.head.eval()
+        return self.head(self.embed(x))
+
+
+def save_model(
+    model_dir: str | os.PathLike, card: ModelCard, backbone: nn.Module, head: nn.Module | None = None
+) -> ModelCard:
+    """Write ``backbone.safetensors`` (and ``head.safetensors``) and the card into ``model_dir``.
+
+    Fills in ``card.weights``, ``card.created`` and ``card.pzscale`` (and the weight files' sha256 under
+    ``card.extra["weights_sha256"]``), saves the card and returns it (the same object).
+    """
+    from safetensors.torch import save_file
+
+    if (head is None) != (card.head is None):
+        raise ModelError(
+            f"model {card.id}: card.head is {card.head!r} but a head module was {'not ' if head is None else ''}given"
+        )
+    if head is not None and not card.classes:
+        raise ModelError(f"model {card.id}: a head needs card.classes (one lineage string per output)")
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    card.weights = {}
+    hashes = {}
+    for role, module in (("backbone", backbone), ("head", head)):
+        path = model_dir / f"{role}.safetensors"
+        if module is None:
+            path.unlink(missing_ok=True)  # a stale head from an earlier save must not be picked up
+            continue
+        # safetensors needs contiguous, unshared CPU tensors.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"pzscale_model": card.id, "role": role})
+        tmp.replace(path)
+        card.weights[role] = path.name
+        hashes[role] = _sha256(path)
+    card.extra = {**card.extra, "weights_sha256": hashes}
+    card.created = datetime.now(UTC).isoformat(timespec="seconds")
+    card.pzscale = package_version("pzscale")
+    card.save(model_dir)
+    return card
+
+
+def load_model(model_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the model in ``model_dir`` onto ``device`` in eval mode.
+
+    Raises ModelError naming the file for a missing or invalid card, a missing, corrupt or unsafe weight file,
+    or weights that do not fit the card's architecture (strict: no missing, unexpected or mis-shaped tensor).
+    """
+    model_dir = Path(model_dir)
+    card = ModelCard.load(model_dir)
+    backbone_path = _weight_path(model_dir, card, "backbone")
+    state = read_state_dict(backbone_path)
+    if card.kind == "builtin":
+        if card.architecture != BUILTIN_ARCHITECTURE:
+            raise ModelError(f"{model_dir / CARD_FILE}: unknown builtin architecture {card.architecture!r}")
+        backbone = builtin_backbone(card.embed_dim)
+        _load_strict(backbone, state, backbone_path, card.architecture)
+    elif card.kind == "open_clip":
+        backbone = _open_clip_tower(card.architecture, state, backbone_path)
+    else:
+        backbone = _timm_backbone(card.architecture, state, backbone_path)
+    width = _declared_width(backbone)
+    if width is not None and width != card.embed_dim:
+        raise ModelError(
+            f"{model_dir / CARD_FILE}: embed_dim is {card.embed_dim} but {card.architecture} gives {width}"
+        )
+    head = None
+    if card.head is not None:
+        if not card.classes:
+            raise ModelError(f"{model_dir / CARD_FILE}: head {card.head!r} but no classes")
+        head_path = _weight_path(model_dir, card, "head")
+        head = make_head(card.head, card.embed_dim, len(card.classes))
+        _load_strict(head, read_state_dict(head_path), head_path, f"{card.head} head")
+    return LoadedModel(card, backbone, head, device)
+
+
+def import_checkpoint(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    architecture: str,
+    out_dir: str | os.PathLike,
+    name: str,
+    version: str,
+    image_size: int = 224,
+    mean: tuple[float, float, float] = OPENAI_MEAN,
+    std: tuple[float, float, float] = OPENAI_STD,
+) -> ModelCard:
+    """Wrap an external open_clip or timm checkpoint into a model directory.
+
+    The checkpoint is validated first (read safely, keys and shapes checked against ``architecture``), then
+    copied into ``out_dir`` as ``backbone<suffix>`` and the card written. ``embed_dim`` is the output width of
+    the built architecture on an ``image_size`` input. OpenAI-initialised CLIP models use QuickGELU: import them
+    with the ``-quickgelu`` architecture (e.g. ``ViT-B-16-quickgelu``), which the weights alone cannot reveal.
+    """
+    path = Path(path)
+    if kind not in ("open_clip", "timm"):
+        raise ModelError(f"{path}: cannot import kind {kind!r}; use 'open_clip' or 'timm' (builtin: save_model)")
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise ModelError(f"{path}: unknown checkpoint format; expected .safetensors or {', '.join(PICKLE_SUFFIXES)}")
+    state = read_state_dict(path)
+    if kind == "open_clip":
+        model = _build_meta(lambda: _open_clip_model(architecture), path)
+        _check_keys(_open_clip_expected(model, state), state, path, architecture)
+        tower: nn.Module = OpenClipImageTower(model.visual)
+    else:
+        tower = _build_meta(lambda: _timm_model(architecture), path)
+        _check_keys(tower.state_dict(), _drop_timm_classifier(tower, state), path, architecture)
+    embed_dim = _output_width(tower, image_size, path, architecture)
+    del state, tower
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"backbone{suffix}"
+    digest = _copy_with_sha256(path, target)
+    card = ModelCard(
+        name=name,
+        version=version,
+        kind=kind,
+        architecture=architecture,
+        embed_dim=embed_dim,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        weights={"backbone": target.name},
+        extra={"weights_sha256": {"backbone": digest}, "imported_from": str(path)},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        pzscale=package_version("pzscale"),
+    )
+    card.save(out_dir)
+    return card
+
+
+# ---------------------------------------------------------------- reading weights
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file or a ``torch.save`` pickle, never running pickled code.
+
+    Accepts a raw state dict or a training checkpoint ``{"state_dict": ..., ...}``; a leading ``module.``
+    (DistributedDataParallel) is stripped from keys. Raises ModelError naming ``path`` otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weight file not found")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            loaded: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{path}: corrupt or unreadable safetensors file: {_one_line(e)}") from None
+    else:
+        loaded = _torch_load_weights_only(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ModelError(f"{path}: not a state dict (a mapping of names to tensors, or one under 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    # mmap: a training checkpoint's optimizer state (2x the weights) is never read into memory.
+    for mmap in (True, False):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise ModelError(
+                    f"{path}: refused: the checkpoint needs arbitrary code to load (torch.load weights_only=True): "
+                    f"{_weights_only_reason(e)}"
+                ) from None
+            raise ModelError(f"{path}: corrupt checkpoint: {_one_line(e)}") from None
+        except RuntimeError as e:
+            if mmap and "mmap can only be used" in str(e):
+                continue  # legacy (pre-zip) torch.save format: read it whole
+            raise ModelError(f"{path}: corrupt checkpoint: {_one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - torch raises KeyError, EOFError, ... on garbage; all mean "corrupt"
+            raise ModelError(f"{path}: corrupt or unreadable checkpoint: {type(e).__name__}: {_one_line(e)}") from None
+    raise AssertionError("unreachable")
+
+
+def _weights_only_reason(error: Exception) -> str:
+    # torch's message is a long multi-line tutorial; the line naming the offending global is the useful part.
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line.startswith(("WeightsUnpickler error", "Unsupported global", "Unsupported operand")):
+            return _one_line(line)
+    return _one_line(error)
+
+
+def _weight_path(model_dir: Path, card: ModelCard, role: str) -> Path:
+    name = card.weights.get(role)
+    if not name:
+        raise ModelError(f"{model_dir / CARD_FILE}: the card names no {role} weight file")
+    if Path(name).name != name:  # a card must not point outside its directory
+        raise ModelError(f"{model_dir / CARD_FILE}: {role} weight file {name!r} is not a plain file name")
+    return model_dir / name
+
+
+def _load_strict(
+    module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, assign: bool = False
+) -> None:
+    _check_keys(module.state_dict(), state, path, what)
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit {what}: {_one_line(e)}") from None
+
+
+def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """ModelError summarising, in one line, every missing, unexpected and mis-shaped tensor."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        raise ModelError(f"{path}: weights do not fit {what}: {'; '.join(problems)}")
+
+
+# ---------------------------------------------------------------- building without initialising
+
+
+def _build_meta(build: Callable[[], nn.Module], path: Path) -> nn.Module:
+    """Build a network on the meta device: shapes only, no memory, no random initialisation (seconds for a ViT)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - library constructors raise anything on a bad name or config
+        raise ModelError(f"{path}: cannot build the architecture: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _materialise(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
+    """Build ``build()`` and load ``state`` strictly into it, skipping the random initialisation when possible.
+
+    The meta-device build takes the loaded tensors directly (``assign=True``). A network that keeps tensors
+    outside its state dict (non-persistent buffers, plain tensor attributes) would still hold meta tensors
+    after that; it is rebuilt for real instead, so that no placeholder ever reaches a forward pass.
+    """
+    # Own float32 copies: the model stays float32 whatever the file holds, and does not keep the
+    # checkpoint's memory map alive (a file overwritten in place would crash a mapped model).
+    state = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
+    module = _build_meta(build, path)
+    _load_strict(module, state, path, what, assign=True)
+    if not any(_meta_tensors(module)):
+        return module
+    module = build()
+    _load_strict(module, state, path, what)
+    return module
+
+
+def _declared_width(backbone: nn.Module) -> int | None:
+    """The embedding width a built backbone declares (open_clip ``output_dim``, timm ``num_features``), if any."""
+    if isinstance(backbone, OpenClipImageTower):
+        return getattr(backbone.visual, "output_dim", None)
+    return getattr(backbone, "num_features", None)
+
+
+def _meta_tensors(module: nn.Module) -> Iterator[str]:
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta:
+            yield name
+    for module_name, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                yield f"{module_name}.{attr}"
+
+
+def _output_width(backbone: nn.Module, image_size: int, path: Path, architecture: str) -> int:
+    """Embedding width of ``backbone`` on an ``image_size`` input, from a meta forward pass (no compute)."""
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = backbone(torch.empty(1, 3, image_size, image_size))
+    except Exception as e:  # noqa: BLE001 - a wrong image size fails deep inside the network
+        raise ModelError(
+            f"{path}: {architecture} does not accept {image_size} px input: {type(e).__name__}: {_one_line(e)}"
+        ) from None
+    if out.ndim != 2:
+        raise ModelError(f"{path}: {architecture} gives {tuple(out.shape)} outputs, not (N, embed_dim)")
+    return int(out.shape[1])
+
+
+# ---------------------------------------------------------------- open_clip and timm
+
+
+def _open_clip_model(architecture: str) -> nn.Module:
+    import open_clip
+
+    # hf-hub: and local-dir: names make open_clip fetch a config (and weights); only built-in configs are allowed.
+    if architecture not in open_clip.list_models():
+        raise ModelError(
+            f"unknown open_clip architecture {architecture!r}; use a built-in config name such as ViT-B-16 "
+            "(for a hub model, read model_cfg from its open_clip_config.json)"
+        )
+    model = open_clip.create_model(architecture, pretrained=None, device=torch.get_default_device())
+    if not isinstance(model, open_clip.CLIP | open_clip.CustomTextCLIP):
+        raise ModelError(f"open_clip architecture {architecture!r} is a {type(model).__name__}, not a CLIP model")
+    return model
+
+
+def _open_clip_expected(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict keys a checkpoint must have: the full model's, or only ``visual.*`` for a saved tower."""
+    expected = model.state_dict()
+    if all(k.startswith("visual.") for k in state):
+        return {k: v for k, v in expected.items() if k.startswith("visual.")}
+    return expected
+
+
+def _open_clip_tower(architecture: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    _check_keys(
+        _open_clip_expected(_build_meta(lambda: _open_clip_model(architecture), path), state), state, path, architecture
+    )
+    visual_state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    visual = _materialise(lambda: _open_clip_model(architecture).visual, visual_state, path, f"{architecture} visual")
+    return OpenClipImageTower(visual)
+
+
+def _timm_model(architecture: str) -> nn.Module:
+    import timm
+
+    if ":" in architecture:  # hf-hub:, timm/ pretrained tags would reach the network
+        raise ModelError(f"timm architecture {architecture!r} names a hub model; use a plain timm model name")
+    if not timm.is_model(architecture):
+        raise ModelError(f"unknown timm architecture {architecture!r}")
+    return timm.create_model(architecture, pretrained=False, num_classes=0)
+
+
+def _drop_timm_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the classifier tensors of a full timm checkpoint: the backbone is built with ``num_classes=0``."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    expected = model.state_dict()
+    return {
+        k: v for k, v in state.items() if k in expected or not any(k == p or k.startswith(f"{p}.") for p in prefixes)
+    }
+
+
+def _timm_backbone(architecture: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    model = _build_meta(lambda: _timm_model(architecture), path)
+    return _materialise(lambda: _timm_model(architecture), _drop_timm_classifier(model, state), path, architecture)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _copy_with_sha256(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` (atomically) and return its sha256; hashing runs beside the kernel copy."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(_sha256, source)  # hashlib releases the GIL: ~free next to the copy
+        try:
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise ModelError(f"{source}: cannot copy to {target}: {_one_line(e)}") from None
+        return digest.result()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _one_line(error: object, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

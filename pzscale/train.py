@@ -1,0 +1,185 @@
+"""Training a classifier on a catalog's train split: the built-in backbone end to end with
+kornia augmentation (CPU-friendly), or a head on another model's stored embeddings.
+
+Training data stream shard by shard (one shard's images in memory at a time), in an order
+that depends only on the seed, so a run is reproducible and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pzscale import catalog, images
+from pzscale.augment import augment, make_augmentation, seed_for
+from pzscale.errors import CatalogError
+from pzscale.models import ModelCard, builtin_backbone, load_model, make_head, save_model
+from pzscale.preprocess import prepare_batch
+from pzscale.split import SPLIT, targets
+
+GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def split_rows(url: str, split: str, *, storage_options: dict | None = None) -> list[tuple[int, np.ndarray, np.ndarray,
+                                                                                        np.ndarray]]:
+    """Per shard: (start, catalog rows in ``split``, their targets, their image ids)."""
+    group = catalog.open_group(url, storage_options=storage_options)
+    if SPLIT not in dict(group.arrays()):
+        raise CatalogError(f"{url}: no split recorded; run pzscale split first")
+    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
+    out = []
+    for _, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
+        cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status", "image_id"])
+        target = targets(cols)
+        rows = np.flatnonzero((cols[SPLIT] == split) & (target != ""))
+        out.append((start, rows + start, target[rows], cols["image_id"][rows]))
+    return out
+
+
+def batches(group: Any, shards: list, classes: dict[str, int], batch_size: int, rng: np.random.Generator
+            ) -> Iterator[tuple[list[str], torch.Tensor, list[np.ndarray]]]:
+    """(image ids, class indices, pixels) batches, shards and rows in a seeded random order."""
+    ids, ys, pix = [], [], []
+    for s in rng.permutation(len(shards)):
+        _, rows, target, image_ids = shards[s]
+        if not len(rows):
+            continue
+        perm = rng.permutation(len(rows))
+        encoded = group["image_bytes"].get_orthogonal_selection((rows[perm],))
+        for j, data in zip(perm, encoded, strict=True):
+            ids.append(str(image_ids[j]))
+            ys.append(classes[target[j]])
+            pix.append(images.decode(bytes(data)))
+            if len(ids) == batch_size:
+                yield ids, torch.tensor(ys), pix
+                ids, ys, pix = [], [], []
+    if ids:
+        yield ids, torch.tensor(ys), pix
+
+
+def training_hash(shards: list) -> str:
+    """sha256 of the sorted (image id, label) pairs trained on: what the model card records."""
+    pairs = sorted(f"{i}\t{t}" for _, _, target, ids in shards for i, t in zip(ids, target, strict=True))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
+def train(
+    url: str,
+    out_dir: str,
+    *,
+    name: str = "pzscale-cnn",
+    version: str = "1",
+    backbone_dir: str | None = None,
+    head: str = "linear",
+    epochs: int = 10,
+    batch_size: int = 64,
+    image_size: int = 64,
+    embed_dim: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    augmentation: bool = True,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    log: Any = print,
+) -> ModelCard:
+    """Train on the catalog's ``train`` split and save a model directory with its card.
+
+    Without ``backbone_dir``: the built-in CNN and a ``head`` end to end, with augmentation.
+    With ``backbone_dir``: a ``head`` on that model's stored embeddings (``pzscale embed``
+    first), a linear probe or an MLP; the backbone's weights are copied beside the head.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_rows = split_rows(url, "train", storage_options=storage_options)
+    val_rows = split_rows(url, "val", storage_options=storage_options)
+    classes = sorted({t for _, _, target, _ in train_rows for t in target})
+    if len(classes) < 2:
+        raise CatalogError(f"{url}: the train split has {len(classes)} label(s); need at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    data_hash = training_hash(train_rows)
+    if backbone_dir:
+        return _train_head(url, out_dir, backbone_dir, train_rows, val_rows, index, data_hash, name=name,
+                           version=version, head=head, epochs=epochs, lr=lr, storage_options=storage_options, log=log)
+    group = catalog.open_group(url, storage_options=storage_options)
+    backbone, head_net = builtin_backbone(embed_dim).to(device), make_head(head, embed_dim, len(classes)).to(device)
+    params = [*backbone.parameters(), *head_net.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    steps = epochs * max(1, -(-sum(len(r[1]) for r in train_rows) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    aug = make_augmentation() if augmentation else None
+    for epoch in range(epochs):
+        backbone.train()
+        head_net.train()
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for ids, y, pixels in batches(group, train_rows, index, batch_size, rng):
+            x, _ = prepare_batch(pixels, size=image_size, mean=GREY_MEAN, std=GREY_STD, device=device)
+            if aug is not None:
+                x, _ = augment(x, [seed_for(i, epoch, seed) for i in ids], aug)
+            loss = torch.nn.functional.cross_entropy(head_net(backbone(x)), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen, loss_sum = seen + len(ids), loss_sum + loss.item() * len(ids)
+        acc = _accuracy(group, val_rows, index, lambda x: head_net(backbone(x)), image_size, device, batch_size)
+        log(f"epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.3f}, val accuracy {acc:.3f}, "
+            f"{seen / (time.perf_counter() - started):,.0f} images/s")
+    card = ModelCard(name=name, version=version, kind="builtin", architecture="pzcnn-small", embed_dim=embed_dim,
+                     image_size=image_size, mean=GREY_MEAN, std=GREY_STD, classes=classes, head=head,
+                     training_data_sha256=data_hash,
+                     extra={"epochs": epochs, "lr": lr, "seed": seed, "augmentation": augmentation,
+                            "catalog": url if "://" not in url or url.startswith("file://") else "(remote)"})
+    return save_model(out_dir, card, backbone.cpu(), head_net.cpu())
+
+
+def _accuracy(group: Any, rows: list, index: dict[str, int], net: Any, size: int, device: str,
+              batch_size: int) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for _, y, pixels in batches(group, rows, index, batch_size, np.random.default_rng(0)):
+            x, _ = prepare_batch(pixels, size=size, mean=GREY_MEAN, std=GREY_STD, device=device)
+            correct += int((net(x).argmax(-1).cpu() == y).sum())
+            total += len(y)
+    return correct / total if total else float("nan")
+
+
+def _train_head(url: str, out_dir: str, backbone_dir: str, train_rows: list, val_rows: list, index: dict[str, int],
+                data_hash: str, *, name: str, version: str, head: str, epochs: int, lr: float,
+                storage_options: dict | None, log: Any) -> ModelCard:
+    backbone = load_model(backbone_dir)
+    variable = f"emb__{backbone.card.id}"
+    group = catalog.open_group(url, storage_options=storage_options)
+    if variable not in dict(group.arrays()):
+        raise CatalogError(f"{url}: no {variable}; run pzscale embed with {backbone_dir} first")
+
+    def load(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = [group[variable].get_orthogonal_selection((r,)) for _, r, _, _ in rows if len(r)]
+        ys = [index[t] for _, _, target, _ in rows for t in target if t in index]
+        keep = np.concatenate([np.isin(target, list(index)) for _, _, target, _ in rows if len(target)])
+        x = torch.from_numpy(np.concatenate(emb).astype(np.float32)[keep])
+        return x, torch.tensor(ys)
+
+    x, y = load(train_rows)
+    if torch.isnan(x).any():
+        raise CatalogError(f"{url}: {variable} has missing rows in the train split; rerun pzscale embed")
+    head_net = make_head(head, backbone.card.embed_dim, len(index))
+    opt = torch.optim.AdamW(head_net.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(epochs * 20):  # full-batch steps: a head on embeddings is cheap
+        loss = torch.nn.functional.cross_entropy(head_net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vx, vy = load(val_rows)
+    with torch.no_grad():
+        acc = float((head_net(vx).argmax(-1) == vy).float().mean()) if len(vy) else float("nan")
+    log(f"head on {variable}: loss {loss.item():.3f}, val accuracy {acc:.3f}")
+    card = ModelCard(**{**backbone.card.__dict__, "name": name, "version": version,
+                        "classes": sorted(index, key=index.get), "head": head, "training_data_sha256": data_hash,
+                        "weights": {}})
+    # the backbone is saved again as safetensors (open_clip: the image tower only) beside the new head
+    return save_model(out_dir, card, backbone.backbone.cpu(), head_net)

@@ -1,0 +1,200 @@
+"""Split -> train -> embed/classify -> evaluate on synthetic data, on CPU, on real clusters."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+from pzscale import catalog, open_catalog
+from pzscale.classify import classify, names, predictions
+from pzscale.embed import embed
+from pzscale.evaluate import evaluate, scores
+from pzscale.inference import in_batches
+from pzscale.ingest import ingest
+from pzscale.models import ModelCard
+from pzscale.split import assign_splits
+from pzscale.synth import synth
+from pzscale.train import train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(clean_catalog, tmp_path_factory):
+    """The clean synthetic catalog with a split and a built-in model trained on it."""
+    work = tmp_path_factory.mktemp("ml")
+    url = str(work / "cat.zarr")
+    shutil.copytree(clean_catalog[0], url)
+    counts = assign_splits(url, seed=42)
+    model_dir = str(work / "model")
+    card = train(url, model_dir, epochs=12, seed=0, log=lambda *_: None)
+    return url, model_dir, card, counts
+
+
+def test_split_is_stratified_and_recorded(trained):
+    url, _, _, counts = trained
+    ds = open_catalog(url)[["split", "source", "lineage", "proposed_label", "status"]].compute()
+    labelled = (ds["status"] == "ok").values
+    assert set(counts) == {"train", "val", "test", ""}
+    assert abs(counts["train"] / labelled.sum() - 0.6) < 0.03
+    frame = ds.to_dataframe()
+    frame = frame[frame["split"] != ""]
+    for (_, _), group in frame.groupby(["source", "lineage"]):
+        if len(group) >= 20:
+            assert abs((group["split"] == "test").mean() - 0.2) < 0.06
+    assert catalog.metadata(catalog.open_group(url))["stages"]["split"]["seed"] == 42
+    again = assign_splits(url, seed=42)
+    assert again == counts
+
+
+def test_builtin_model_reaches_macro_f1_09_at_the_deepest_rank(trained, client, tmp_path):
+    pristine, model_dir, card, _ = trained
+    url = str(tmp_path / "cat.zarr")  # the fixture's catalog stays without predictions
+    shutil.copytree(pristine, url)
+    report = classify(url, model_dir, client=client, progress=False)
+    assert report.rows_computed == catalog.n_rows_of(catalog.open_group(url))
+    table = evaluate(url, card.id, split="test")
+    deepest = table.set_index("rank").loc["species"]
+    assert deepest["macro_f1"] >= 0.9, table
+    ds = open_catalog(url)
+    n = names(card)
+    assert ds[n["topk_label"]].shape[1] == min(5, len(card.classes))
+    ok = ds["status"].values == "ok"
+    probs = ds[n["topk_prob"]].values[ok]
+    assert np.all(np.diff(probs, axis=1) <= 1e-6) and np.all(probs.sum(1) <= 1 + 1e-5)
+    assert (ds[n["label"]].values[~ok] == "").all()
+    # the kingdom prediction is the first word of a lineage the model knows
+    kingdoms = {c.split()[0] for c in card.classes}
+    assert set(ds[n["kingdom"]].values[ok]) <= kingdoms
+
+
+def test_embeddings_identical_with_one_and_two_workers(trained, tmp_path):
+    url, model_dir, card, _ = trained
+    results = []
+    for workers in (1, 2):
+        copy = str(tmp_path / f"w{workers}.zarr")
+        shutil.copytree(url, copy)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+                Client(c) as cl:
+            embed(copy, model_dir, client=cl, progress=False)
+        results.append(open_catalog(copy)[f"emb__{card.id}"].values)
+    assert results[0].dtype == np.float16 and results[0].shape[1] == card.embed_dim
+    np.testing.assert_array_equal(results[0], results[1])
+    ok = open_catalog(url)["status"].values == "ok"
+    assert np.isfinite(results[0][ok]).all() and np.isnan(results[0][~ok]).all()
+
+
+def test_reclassify_after_append_computes_only_new_rows(trained, client, tmp_path):
+    url, model_dir, card, _ = trained
+    copy = str(tmp_path / "cat.zarr")
+    shutil.copytree(url, copy)
+    classify(copy, model_dir, client=client, progress=False)
+    n = names(card)
+    before = open_catalog(copy)[[n["label"], n["species_prob"]]].compute()
+    cruise = tmp_path / "cruise"
+    synth(cruise, images=150, seed=5)
+    old_rows = catalog.n_rows_of(catalog.open_group(copy))
+    ingest([str(cruise)], copy, append=True, client=client, progress=False)
+    report = classify(copy, model_dir, client=client, progress=False)
+    assert report.rows_computed == 150
+    after = open_catalog(copy)[[n["label"], n["species_prob"]]].compute()
+    np.testing.assert_array_equal(after[n["label"]].values[:old_rows], before[n["label"]].values)
+    np.testing.assert_array_equal(after[n["species_prob"]].values[:old_rows], before[n["species_prob"]].values)
+    new_ok = open_catalog(copy)["status"].values[old_rows:] == "ok"
+    assert (after[n["label"]].values[old_rows:][new_ok] != "").all()
+    assert classify(copy, model_dir, client=client, progress=False).rows_computed == 0
+
+
+def test_killed_classify_resumes(trained, client, tmp_path):
+    url, model_dir, card, _ = trained
+    reference = str(tmp_path / "ref.zarr")
+    shutil.copytree(url, reference)
+    classify(reference, model_dir, client=client, progress=False)
+    copy = str(tmp_path / "cat.zarr")
+    shutil.copytree(url, copy)
+    stage = f"classify/{card.id}"
+    job = subprocess.Popen([sys.executable, "-m", "pzscale.cli", "classify", "--catalog", copy, "--model", model_dir,
+                            "--workers", "1", "--batch-size", "16"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(catalog.done_shards(copy, stage)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    done = catalog.done_shards(copy, stage)
+    total = len(catalog.shard_ranges(0, catalog.n_rows_of(catalog.open_group(copy)), 64))
+    assert 2 <= len(done) < total, "the run was not interrupted midway"
+    report = classify(copy, model_dir, client=client, progress=False)
+    assert report.shards_skipped == len(done) and report.shards_written == total - len(done)
+    sums, ref = catalog.checksums(copy), catalog.checksums(reference)
+    assert {k: v for k, v in sums.items() if k.startswith("pred__")} == {
+        k: v for k, v in ref.items() if k.startswith("pred__")}
+
+
+def test_tasks_go_to_gpu_workers_when_the_cluster_has_them(trained, tmp_path):
+    """Workers advertising GPU=1 (as dask-cuda workers started with --resources GPU=1) get the tasks."""
+    url, model_dir, card, _ = trained
+    copy = str(tmp_path / "cat.zarr")
+    shutil.copytree(url, copy)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                      dashboard_address=":0") as c, Client(c) as cl:
+        report = embed(copy, model_dir, client=cl, progress=False)
+        assert report.shards_written == report.shards_total
+
+
+def test_head_on_stored_embeddings_of_another_model(trained, client, tmp_path):
+    url, model_dir, card, _ = trained
+    copy = str(tmp_path / "cat.zarr")
+    shutil.copytree(url, copy)
+    embed(copy, model_dir, client=client, progress=False)
+    probe_dir = str(tmp_path / "probe")
+    probe = train(copy, probe_dir, name="probe", backbone_dir=model_dir, head="mlp", epochs=10,
+                  log=lambda *_: None)
+    assert ModelCard.load(probe_dir).head == "mlp" and probe.id != card.id
+    classify(copy, probe_dir, client=client, progress=False)
+    classify(copy, model_dir, client=client, progress=False)
+    both = [v for v in open_catalog(copy).data_vars if v.endswith("__label")]
+    assert sorted(both) == sorted([f"pred__{card.id}__label", f"pred__{probe.id}__label"])  # side by side
+    assert evaluate(copy, probe.id).set_index("rank").loc["kingdom", "accuracy"] > 0.8
+
+
+def test_out_of_memory_halves_the_batch():
+    calls = []
+
+    def run(a, b):
+        calls.append(b - a)
+        if b - a > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+        return list(range(a, b))
+
+    out = in_batches(run, 50, 64)
+    assert [i for part in out for i in part] == list(range(50))
+    assert calls[:4] == [50, 32, 16, 8] and max(calls[4:]) <= 8
+
+
+def test_per_rank_predictions_sum_probabilities_by_lineage_prefix():
+    classes = ["animalia arthropoda copepoda calanoida", "animalia arthropoda copepoda cyclopoida",
+               "chromista ochrophyta", "detritus"]
+    probs = np.array([[0.3, 0.3, 0.35, 0.05], [0.0, 0.0, 0.1, 0.9]])
+    out = predictions(probs, classes, top_k=2)
+    assert list(out["label"]) == ["chromista ochrophyta", "detritus"]
+    assert list(out["kingdom"]) == ["animalia", "detritus"]
+    assert out["kingdom_prob"][0] == pytest.approx(0.6)
+    assert list(out["order"]) == ["chromista ochrophyta", "detritus"]  # shorter lineages keep their full text
+    assert out["topk_label"].shape == (2, 2)
+
+
+def test_scores_truncate_lineages_per_rank():
+    truth = ["animalia arthropoda copepoda calanoida", "animalia arthropoda copepoda cyclopoida", "detritus"]
+    pred = ["animalia arthropoda copepoda cyclopoida", "animalia arthropoda copepoda cyclopoida", "detritus"]
+    table = scores(truth, pred).set_index("rank")
+    assert table.loc["class", "accuracy"] == 1.0 and table.loc["order", "accuracy"] == pytest.approx(2 / 3)
