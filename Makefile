@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-full clean
+.PHONY: demo test bench bench-full bench-embed clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py --sizes 16384 65536 --repeats 5
+
+bench-embed: $(STAMP)
+	$(BIN)/python benchmarks/bench_embed.py --images 384 --repeats 2
 
 clean:
 	rm -rf demo-output benchmarks/data .pytest_cache

@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    # small shards so that both workers get the same number of shards (384 images -> 6 shards)
+    parser.add_argument("--shard-len", type=int, default=64)
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=HERE / "data"))
@@ -97,14 +99,14 @@ def main() -> None:
         url = str(work / "cat.zarr")
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
                 Client(c) as client:
-            ingest([str(work / "src")], url, shard_len=128, client=client, progress=False)
+            ingest([str(work / "src")], url, shard_len=args.shard_len, client=client, progress=False)
         group = catalog.open_group(url)
         ok = np.flatnonzero(group["status"][:] == "ok")
         pixels = [images.decode(bytes(b)) for b in group["image_bytes"].get_orthogonal_selection((ok,))]
         n = catalog.n_rows_of(group)
         results: dict = {"metadata": {"machine": machine(), "suite": "embed", "images": n, "decoded": len(ok),
                                       "batch_size": args.batch_size, "repeats": args.repeats,
-                                      "device": "cpu", "shard_len": 128}, "results": {}}
+                                      "device": "cpu", "shard_len": args.shard_len}, "results": {}}
         for label, model_dir in make_models(work).items():
             res = results["results"][label] = {}
             for workers in (1, 2):
@@ -115,9 +117,29 @@ def main() -> None:
                 print(label, workers, json.dumps(res[f"{workers}w"]), flush=True)
         out = HERE / "results" / f"embed--{socket.gethostname()}--cpu.json"
         out.write_text(json.dumps(results, indent=1))
+        render_readme()
         print(f"wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def render_readme() -> None:
+    """Rewrite the embed table in benchmarks/README.md from every embed JSON under results/."""
+    rows = ["| machine | device | model | workers | bare torch loop img/s | pzscale embed img/s | ratio |",
+            "|---|---|---|---:|---:|---:|---:|"]
+    for path in sorted((HERE / "results").glob("embed--*.json")):
+        data = json.loads(path.read_text())
+        m = data["metadata"]
+        for model, per_workers in data["results"].items():
+            for workers, r in per_workers.items():
+                rows.append(f"| {m['machine']['cpus']} CPU, {m['machine']['commit']} | {m['device']} | {model} "
+                            f"| {workers[:-1]} | {r['bare_loop_images_per_s']['median']:,.1f} "
+                            f"| {r['pzscale_images_per_s']['median']:,.1f} | {r['ratio']:.2f} |")
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    head, rest = text.split("<!-- embed:start -->", 1)
+    _, tail = rest.split("<!-- embed:end -->", 1)
+    readme.write_text(head + "<!-- embed:start -->\n" + "\n".join(rows) + "\n<!-- embed:end -->" + tail)
 
 
 if __name__ == "__main__":

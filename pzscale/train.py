@@ -75,6 +75,7 @@ def train(
     name: str = "pzscale-cnn",
     version: str = "1",
     backbone_dir: str | None = None,
+    fine_tune: bool = False,
     head: str = "linear",
     epochs: int = 10,
     batch_size: int = 64,
@@ -91,7 +92,8 @@ def train(
 
     Without ``backbone_dir``: the built-in CNN and a ``head`` end to end, with augmentation.
     With ``backbone_dir``: a ``head`` on that model's stored embeddings (``pzscale embed``
-    first), a linear probe or an MLP; the backbone's weights are copied beside the head.
+    first), a linear probe or an MLP; with ``fine_tune`` as well, that backbone and a new head
+    end to end on the images, with augmentation, at the backbone's input size and normalisation.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -102,11 +104,18 @@ def train(
         raise CatalogError(f"{url}: the train split has {len(classes)} label(s); need at least 2")
     index = {c: i for i, c in enumerate(classes)}
     data_hash = training_hash(train_rows)
-    if backbone_dir:
+    if backbone_dir and not fine_tune:
         return _train_head(url, out_dir, backbone_dir, train_rows, val_rows, index, data_hash, name=name,
                            version=version, head=head, epochs=epochs, lr=lr, storage_options=storage_options, log=log)
     group = catalog.open_group(url, storage_options=storage_options)
-    backbone, head_net = builtin_backbone(embed_dim).to(device), make_head(head, embed_dim, len(classes)).to(device)
+    if backbone_dir:
+        base = load_model(backbone_dir, device=device)
+        backbone, c = base.backbone, base.card
+        kind, arch, embed_dim, image_size, mean, std = c.kind, c.architecture, c.embed_dim, c.image_size, c.mean, c.std
+    else:
+        kind, arch, mean, std = "builtin", "pzcnn-small", GREY_MEAN, GREY_STD
+        backbone = builtin_backbone(embed_dim).to(device)
+    head_net = make_head(head, embed_dim, len(classes)).to(device)
     params = [*backbone.parameters(), *head_net.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, -(-sum(len(r[1]) for r in train_rows) // batch_size))
@@ -117,7 +126,7 @@ def train(
         head_net.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         for ids, y, pixels in batches(group, train_rows, index, batch_size, rng):
-            x, _ = prepare_batch(pixels, size=image_size, mean=GREY_MEAN, std=GREY_STD, device=device)
+            x, _ = prepare_batch(pixels, size=image_size, mean=mean, std=std, device=device)
             if aug is not None:
                 x, _ = augment(x, [seed_for(i, epoch, seed) for i in ids], aug)
             loss = torch.nn.functional.cross_entropy(head_net(backbone(x)), y.to(device))
@@ -126,23 +135,27 @@ def train(
             opt.step()
             sched.step()
             seen, loss_sum = seen + len(ids), loss_sum + loss.item() * len(ids)
-        acc = _accuracy(group, val_rows, index, lambda x: head_net(backbone(x)), image_size, device, batch_size)
+        backbone.eval()
+        head_net.eval()
+        acc = _accuracy(group, val_rows, index, lambda x: head_net(backbone(x)), image_size, mean, std, device,
+                        batch_size)
         log(f"epoch {epoch + 1}/{epochs}: loss {loss_sum / max(seen, 1):.3f}, val accuracy {acc:.3f}, "
             f"{seen / (time.perf_counter() - started):,.0f} images/s")
-    card = ModelCard(name=name, version=version, kind="builtin", architecture="pzcnn-small", embed_dim=embed_dim,
-                     image_size=image_size, mean=GREY_MEAN, std=GREY_STD, classes=classes, head=head,
+    card = ModelCard(name=name, version=version, kind=kind, architecture=arch, embed_dim=embed_dim,
+                     image_size=image_size, mean=mean, std=std, classes=classes, head=head,
                      training_data_sha256=data_hash,
                      extra={"epochs": epochs, "lr": lr, "seed": seed, "augmentation": augmentation,
-                            "catalog": url if "://" not in url or url.startswith("file://") else "(remote)"})
+                            "catalog": url if "://" not in url or url.startswith("file://") else "(remote)",
+                            "fine_tuned_from": backbone_dir or ""})
     return save_model(out_dir, card, backbone.cpu(), head_net.cpu())
 
 
-def _accuracy(group: Any, rows: list, index: dict[str, int], net: Any, size: int, device: str,
-              batch_size: int) -> float:
+def _accuracy(group: Any, rows: list, index: dict[str, int], net: Any, size: int, mean: tuple, std: tuple,
+              device: str, batch_size: int) -> float:
     correct = total = 0
     with torch.no_grad():
         for _, y, pixels in batches(group, rows, index, batch_size, np.random.default_rng(0)):
-            x, _ = prepare_batch(pixels, size=size, mean=GREY_MEAN, std=GREY_STD, device=device)
+            x, _ = prepare_batch(pixels, size=size, mean=mean, std=std, device=device)
             correct += int((net(x).argmax(-1).cpu() == y).sum())
             total += len(y)
     return correct / total if total else float("nan")

@@ -18,7 +18,7 @@ from pzscale.embed import embed
 from pzscale.evaluate import evaluate, scores
 from pzscale.inference import in_batches
 from pzscale.ingest import ingest
-from pzscale.models import ModelCard
+from pzscale.models import ModelCard, load_model
 from pzscale.split import assign_splits
 from pzscale.synth import synth
 from pzscale.train import train
@@ -198,3 +198,20 @@ def test_scores_truncate_lineages_per_rank():
     pred = ["animalia arthropoda copepoda cyclopoida", "animalia arthropoda copepoda cyclopoida", "detritus"]
     table = scores(truth, pred).set_index("rank")
     assert table.loc["class", "accuracy"] == 1.0 and table.loc["order", "accuracy"] == pytest.approx(2 / 3)
+
+
+def test_fine_tune_a_saved_backbone_end_to_end(trained, client, tmp_path):
+    """Any model directory's backbone can be fine-tuned with a new head on the images."""
+    url, model_dir, card, _ = trained
+    tuned_dir = str(tmp_path / "tuned")
+    tuned = train(url, tuned_dir, name="tuned", backbone_dir=model_dir, fine_tune=True, epochs=1, lr=1e-3,
+                  log=lambda *_: None)
+    assert tuned.kind == card.kind and tuned.image_size == card.image_size and tuned.classes == card.classes
+    assert tuned.extra["fine_tuned_from"] == model_dir
+    before = load_model(model_dir).backbone.state_dict()
+    after = load_model(tuned_dir).backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the backbone itself was trained
+    copy = str(tmp_path / "cat.zarr")
+    shutil.copytree(url, copy)
+    classify(copy, tuned_dir, client=client, progress=False)
+    assert evaluate(copy, tuned.id).set_index("rank").loc["species", "macro_f1"] > 0.8
