@@ -218,19 +218,6 @@ def embed(
     typer.echo(str(report))
 
 
-def _classify(catalog_url: str, model: str, batch_size: int, top_k: int, tta: bool, scheduler: str | None,
-              workers: int | None, storage_options: str | None) -> None:
-    from pzscale.classify import classify as run
-
-    try:
-        with _client(scheduler, workers) as client:
-            report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
-                         storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
-    typer.echo(str(report))
-
-
 @app.command()
 def classify(
     catalog_url: CatalogOpt,
@@ -243,22 +230,21 @@ def classify(
     storage_options: StorageOpt = None,
 ) -> None:
     """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
-    _classify(catalog_url, model, batch_size, top_k, tta, scheduler, workers, storage_options)
+    from pzscale.classify import classify as run
+
+    try:
+        with _client(scheduler, workers) as client:
+            report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
+                         storage_options=_storage_options(storage_options))
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(str(report))
 
 
-@app.command()
-def reclassify(
-    catalog_url: CatalogOpt,
-    model: ModelOpt,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    top_k: Annotated[int, typer.Option()] = 5,
-    tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Classify only the rows without a prediction from this model version (e.g. an appended cruise)."""
-    _classify(catalog_url, model, batch_size, top_k, tta, scheduler, workers, storage_options)
+# Classification is incremental by design (markers record the rows they cover); the second
+# name says so for the everyday case of a cruise appended to a classified catalog.
+app.command("reclassify", help="Classify only the rows without a prediction from this model version "
+                               "(e.g. an appended cruise).")(classify)
 
 
 @app.command()

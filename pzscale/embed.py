@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-from distributed import Client, get_client
+from distributed import Client
 
 from pzscale import catalog
-from pzscale.errors import StageError
-from pzscale.inference import (
-    ModelPlugin,
-    decode_rows,
-    forward,
-    gpu_resources,
-    incremental_tasks,
-    keep_done_rows,
-    model_on_worker,
-)
-from pzscale.models import ModelCard
-from pzscale.progress import StageReport, run_shards
+from pzscale.inference import forward, record_stage, run_model_shard, run_model_stage
+from pzscale.models import LoadedModel, ModelCard
+from pzscale.progress import StageReport
 
 
 def names(card: ModelCard) -> dict[str, str]:
@@ -28,25 +17,19 @@ def names(card: ModelCard) -> dict[str, str]:
             "stage": f"embed/{card.id}"}
 
 
+def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: dict) -> dict[str, np.ndarray]:
+    n, rows = names(model.card), task["stop"] - task["row_from"]
+    emb, _, scales = forward(model, pixels, batch_size=task["batch_size"], with_logits=False, tta=task["tta"])
+    embedding = np.full((rows, model.card.embed_dim), np.nan, np.float16)
+    embedding[ok] = emb.astype(np.float16)
+    scale = np.full(rows, np.nan, np.float32)
+    scale[ok] = scales
+    return {n["embedding"]: embedding, n["scale"]: scale}
+
+
 def embed_shard(task: dict) -> dict:
     """Embed the rows [row_from, stop) of one shard and write the whole shard, then its marker."""
-    started = time.perf_counter()
-    url, so = task["catalog"], task["storage_options"]
-    model = model_on_worker(task["model_dir"], task["device"])
-    n = names(model.card)
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
-    start, row_from, stop = task["start"], task["row_from"], task["stop"]
-    ok, pixels = decode_rows(group, row_from, stop)
-    emb, _, scales = forward(model, pixels, batch_size=task["batch_size"], with_logits=False, tta=task["tta"])
-    embedding = np.full((stop - row_from, model.card.embed_dim), np.nan, np.float16)
-    embedding[ok] = emb.astype(np.float16)
-    scale = np.full(stop - row_from, np.nan, np.float32)
-    scale[ok] = scales
-    out = keep_done_rows(group, start, row_from, {n["embedding"]: embedding, n["scale"]: scale})
-    catalog.write_arrays(group, start, stop, out)
-    catalog.mark_done(url, n["stage"], task["shard"], {"rows": [start, stop], "computed": stop - row_from,
-                                                         "model": model.card.id}, storage_options=so)
-    return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
+    return run_model_shard(task, _compute)
 
 
 def embed(
@@ -65,10 +48,6 @@ def embed(
     Writes ``emb__<model id>`` (float16, NaN where the image did not decode) and
     ``scale__<model id>`` (letterbox scale: output px per source px).
     """
-    try:
-        client = client or get_client()
-    except ValueError:
-        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
     card = ModelCard.load(model_dir)
     n = names(card)
     group = catalog.open_group(url, mode="r+", storage_options=storage_options)
@@ -78,23 +57,8 @@ def embed(
     catalog.ensure_array(group, n["scale"], dtype="float32", fill=np.nan,
                          attrs={**attrs, "description": "letterbox scale, output px per source px",
                                 "image_size": card.image_size})
-    _record(group, n["stage"], card, batch_size=batch_size, tta=tta)
-    tasks, skipped = incremental_tasks(url, n["stage"], storage_options=storage_options)
-    client.register_plugin(ModelPlugin(model_dir, device))
-    common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
-              "batch_size": batch_size, "tta": tta}
-    run = run_shards(client, embed_shard, [{**t, **common} for t in tasks], desc="embed", skipped=skipped,
-                     show=progress, resources=gpu_resources(client))
-    report = StageReport(n["stage"], url, len(tasks) + skipped, skipped, len(run.results), run.images, run.seconds,
-                         [f"shard {t['shard']}: {m}" for t, m in run.failures])
-    if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
-    return report
-
-
-def _record(group, stage: str, card: ModelCard, **params) -> None:
-    stages = catalog.metadata(group).get("stages", {})
-    record = {"model": card.id, "name": card.name, "version": card.version, "kind": card.kind,
-              "architecture": card.architecture, **params}
-    if stages.get(stage) != record:
-        catalog.update_metadata(group, stages={**stages, stage: record})
+    record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
+                                     "kind": card.kind, "architecture": card.architecture,
+                                     "batch_size": batch_size, "tta": tta})
+    return run_model_stage(url, model_dir, embed_shard, stage=n["stage"], params={"batch_size": batch_size, "tta": tta},
+                           client=client, device=device, storage_options=storage_options, progress=progress)

@@ -7,16 +7,20 @@ Shared by the ``embed`` and ``classify`` stages (which never import each other).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from distributed import get_client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pzscale import catalog, images
+from pzscale.errors import StageError
 from pzscale.models import LoadedModel, load_model
 from pzscale.preprocess import prepare_batch
+from pzscale.progress import StageReport, run_shards
 from pzscale.schema import RANKS, STATUS_OK
 
 _LOADED: dict[tuple[str, str], LoadedModel] = {}
@@ -162,3 +166,52 @@ def gpu_resources(client: Any) -> dict | None:
     """
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+def run_model_shard(task: dict, compute: Callable[[LoadedModel, np.ndarray, list[np.ndarray], dict],
+                                                   dict[str, np.ndarray]]) -> dict:
+    """The body every model stage's shard task shares.
+
+    ``compute(model, ok, pixels, task)`` returns the stage's arrays for rows [row_from, stop)
+    (``ok``: positions of the rows whose image decoded, ``pixels``: those images); the rows
+    already done are kept, the whole shard is written, then the marker.
+    """
+    started = time.perf_counter()
+    url, so = task["catalog"], task["storage_options"]
+    model = model_on_worker(task["model_dir"], task["device"])
+    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
+    start, row_from, stop = task["start"], task["row_from"], task["stop"]
+    ok, pixels = decode_rows(group, row_from, stop)
+    new = compute(model, ok, pixels, task)
+    catalog.write_arrays(group, start, stop, keep_done_rows(group, start, row_from, new))
+    catalog.mark_done(url, task["stage"], task["shard"], {"rows": [start, stop], "computed": stop - row_from,
+                                                           "model": model.card.id}, storage_options=so)
+    return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
+
+
+def run_model_stage(url: str, model_dir: str, shard_fn: Callable[[dict], dict], *, stage: str, params: dict,
+                    client: Any, device: str | None, storage_options: dict | None, progress: bool) -> StageReport:
+    """Submit a model stage's shard tasks for the rows its markers do not cover yet, with the model
+    loaded once per worker, on GPU workers when the cluster has them."""
+    try:
+        client = client or get_client()
+    except ValueError:
+        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
+    tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
+    client.register_plugin(ModelPlugin(model_dir, device))
+    common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
+              "stage": stage, **params}
+    run = run_shards(client, shard_fn, [{**t, **common} for t in tasks], desc=stage.split("/")[0], skipped=skipped,
+                     show=progress, resources=gpu_resources(client))
+    report = StageReport(stage, url, len(tasks) + skipped, skipped, len(run.results), run.images, run.seconds,
+                         [f"shard {t['shard']}: {m}" for t, m in run.failures])
+    if run.failures:
+        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
+    return report
+
+
+def record_stage(group: Any, stage: str, record: dict) -> None:
+    """Record a stage's parameters in the group attributes (client only)."""
+    stages = catalog.metadata(group).get("stages", {})
+    if stages.get(stage) != record:
+        catalog.update_metadata(group, stages={**stages, stage: record})
