@@ -57,20 +57,27 @@ def make_models(work: Path) -> dict[str, str]:
     return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit")}
 
 
-def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int) -> float:
+def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int, device: str) -> float:
     torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=device)
     card = model.card
-    batches = [prepare_batch(pixels[i:i + batch_size], size=card.image_size, mean=card.mean, std=card.std)[0]
-               for i in range(0, len(pixels), batch_size)]
+    batches = [prepare_batch(pixels[i:i + batch_size], size=card.image_size, mean=card.mean, std=card.std,
+                             device=device)[0] for i in range(0, len(pixels), batch_size)]
     model.embed(batches[0])  # warm-up
+    _sync(device)
     start = time.perf_counter()
     for x in batches:
         model.embed(x)
+    _sync(device)  # the timed region ends when the device has finished
     return len(pixels) / (time.perf_counter() - start)
 
 
-def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int) -> list[float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int, device: str) -> list[float]:
     rates = []
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
             Client(c) as client:
@@ -79,7 +86,7 @@ def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int,
                 copy = f"{tmp}/cat.zarr"
                 shutil.copytree(url, copy)
                 start = time.perf_counter()
-                embed(copy, model_dir, client=client, batch_size=batch_size, progress=False)
+                embed(copy, model_dir, client=client, batch_size=batch_size, device=device, progress=False)
                 rates.append(n / (time.perf_counter() - start))
     return rates
 
@@ -91,6 +98,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     # small shards so that both workers get the same number of shards (384 images -> 6 shards)
     parser.add_argument("--shard-len", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU: use --workers 1)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=HERE / "data"))
@@ -106,21 +115,27 @@ def main() -> None:
         n = catalog.n_rows_of(group)
         results: dict = {"metadata": {"machine": machine(), "suite": "embed", "images": n, "decoded": len(ok),
                                       "batch_size": args.batch_size, "repeats": args.repeats,
-                                      "device": "cpu", "shard_len": args.shard_len}, "results": {}}
+                                      "device": _device_name(args.device), "shard_len": args.shard_len},
+                   "results": {}}
         for label, model_dir in make_models(work).items():
             res = results["results"][label] = {}
-            for workers in (1, 2):
-                bare = [bare_loop(model_dir, pixels, args.batch_size, workers) for _ in range(args.repeats)]
-                piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n)
+            for workers in args.workers:
+                bare = [bare_loop(model_dir, pixels, args.batch_size, workers, args.device)
+                        for _ in range(args.repeats)]
+                piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n, args.device)
                 res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
                                       "ratio": statistics.median(piped) / statistics.median(bare)}
                 print(label, workers, json.dumps(res[f"{workers}w"]), flush=True)
-        out = HERE / "results" / f"embed--{socket.gethostname()}--cpu.json"
+        out = HERE / "results" / f"embed--{socket.gethostname()}--{args.device}.json"
         out.write_text(json.dumps(results, indent=1))
         render_readme()
         print(f"wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 
 
 def render_readme() -> None:
