@@ -196,6 +196,13 @@ def update_metadata(group: zarr.Group, **changes: Any) -> None:
     group.attrs[ATTRS_KEY] = meta
 
 
+def record_stage(group: zarr.Group, stage: str, record: dict) -> None:
+    """Record a stage's parameters in the group attributes (client only; never credentials)."""
+    stages = metadata(group).get("stages", {})
+    if stages.get(stage) != record:
+        update_metadata(group, stages={**stages, stage: record})
+
+
 def n_rows_of(group: zarr.Group) -> int:
     return group["image_id"].shape[0]
 
@@ -266,6 +273,29 @@ def ensure_array(
 
 def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = VARIABLE_NAMES) -> dict:
     return {name: group[name][start:stop] for name in names}
+
+
+def with_stored_rows(group: zarr.Group, start: int, first_new: int, new: dict[str, np.ndarray]) -> dict:
+    """Prefix values for rows [first_new, ...) with the stored values of rows [start, first_new).
+
+    A task that adds rows to a shard already partly written (an appended collection, a stage
+    catching up after an append) rewrites those rows unchanged, so its write still covers
+    the whole shard and earlier results stay byte for byte.
+    """
+    if first_new == start:
+        return new
+    stored = read_rows(group, start, first_new, list(new))
+    return {name: np.concatenate([stored[name].astype(v.dtype), v]) for name, v in new.items()}
+
+
+def map_shards(fn: Any, url: str, *args: Any, storage_options: dict | None = None) -> list:
+    """``fn(url, start, stop, *args, storage_options)`` for every shard, as Dask tasks on the
+    current scheduler (a distributed client when one is active), results in shard order."""
+    import dask
+
+    group = open_group(url, storage_options=storage_options, check=False)
+    ranges = shard_ranges(0, n_rows_of(group), metadata(group)["shard_len"])
+    return list(dask.compute(*[dask.delayed(fn)(url, a, b, *args, storage_options) for _, a, b in ranges]))
 
 
 # ---------------------------------------------------------------- done markers

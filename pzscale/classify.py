@@ -8,7 +8,7 @@ from distributed import Client
 
 from pzscale import catalog
 from pzscale.errors import ModelError
-from pzscale.inference import forward, rank_groups, record_stage, run_model_shard, run_model_stage
+from pzscale.inference import forward, rank_groups, run_model_shard, run_model_stage
 from pzscale.models import LoadedModel, ModelCard
 from pzscale.progress import StageReport
 from pzscale.schema import RANKS
@@ -91,7 +91,7 @@ def classify(
     for key in ("prob", "topk_prob", *(f"{r}_prob" for r in RANKS)):
         trailing, dims = ((k,), (n["k"],)) if key.startswith("topk") else ((), ())
         catalog.ensure_array(group, n[key], dtype="float32", fill=np.nan, trailing=trailing, dims=dims, attrs=attrs)
-    record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
+    catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture, "classes": len(card.classes),
                                      "top_k": k, "tta": tta, "training_data_sha256": card.training_data_sha256})
     return run_model_stage(url, model_dir, classify_shard, stage=n["stage"],

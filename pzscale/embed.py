@@ -6,7 +6,7 @@ import numpy as np
 from distributed import Client
 
 from pzscale import catalog
-from pzscale.inference import forward, record_stage, run_model_shard, run_model_stage
+from pzscale.inference import forward, run_model_shard, run_model_stage
 from pzscale.models import LoadedModel, ModelCard
 from pzscale.progress import StageReport
 
@@ -57,7 +57,7 @@ def embed(
     catalog.ensure_array(group, n["scale"], dtype="float32", fill=np.nan,
                          attrs={**attrs, "description": "letterbox scale, output px per source px",
                                 "image_size": card.image_size})
-    record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
+    catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture,
                                      "batch_size": batch_size, "tta": tta})
     return run_model_stage(url, model_dir, embed_shard, stage=n["stage"], params={"batch_size": batch_size, "tta": tta},

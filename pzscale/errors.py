@@ -1,5 +1,7 @@
 """Errors raised by pzscale. Each inherits a builtin so callers can catch either."""
 
+import re
+
 
 class PzscaleError(Exception):
     """Base class of every pzscale error."""
@@ -23,3 +25,12 @@ class StageError(PzscaleError, RuntimeError):
 
 class ModelError(PzscaleError, ValueError):
     """A model directory or checkpoint cannot be loaded (missing, corrupt, or unsafe to unpickle)."""
+
+
+def one_line(error: object, limit: int = 300) -> str:
+    """An error's text on one line, the same on every run (object addresses removed, so that
+    a message stored in the catalog is byte-identical after a rerun), at most ``limit`` characters."""
+    text = re.sub(r" at 0x[0-9a-f]+", "", " ".join(str(error).split()))
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

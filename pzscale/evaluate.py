@@ -7,7 +7,6 @@ ranks where annotated"). Labels without a lineage (detritus, bubble) are one-wor
 
 from __future__ import annotations
 
-import dask
 import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
@@ -49,8 +48,7 @@ def evaluate(url: str, model_id: str, *, split: str = "test", storage_options: d
     for needed, hint in ((label, "pzscale classify"), (SPLIT, "pzscale split")):
         if needed not in arrays:
             raise CatalogError(f"{url}: no {needed}; run {hint} first")
-    ranges = catalog.shard_ranges(0, catalog.n_rows_of(group), catalog.metadata(group)["shard_len"])
-    parts = dask.compute(*[dask.delayed(_shard)(url, a, b, label, split, storage_options) for _, a, b in ranges])
+    parts = catalog.map_shards(_shard, url, label, split, storage_options=storage_options)
     truth = [t for p in parts for t in p[0]]
     predicted = [t for p in parts for t in p[1]]
     if not truth:

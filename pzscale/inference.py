@@ -23,7 +23,7 @@ from pzscale.preprocess import prepare_batch
 from pzscale.progress import StageReport, run_shards
 from pzscale.schema import RANKS, STATUS_OK
 
-_LOADED: dict[tuple[str, str], LoadedModel] = {}
+_LOADED: dict[tuple[str, str, int], LoadedModel] = {}
 
 
 def pick_device() -> str:
@@ -31,10 +31,17 @@ def pick_device() -> str:
 
 
 def model_on_worker(model_dir: str, device: str | None = None) -> LoadedModel:
-    """The model, loaded once per process: by ``ModelPlugin.setup`` on a worker, or on first use."""
-    key = (os.path.abspath(model_dir), device or pick_device())
+    """The model, loaded once per process: by ``ModelPlugin.setup`` on a worker, or on first use.
+
+    The card's modification time is part of the key, so a model retrained into the same
+    directory is loaded afresh by long-lived workers instead of served stale.
+    """
+    path = os.path.abspath(model_dir)
+    key = (path, device or pick_device(), os.stat(os.path.join(path, "model_card.json")).st_mtime_ns)
     if key not in _LOADED:
-        _LOADED[key] = load_model(key[0], device=key[1])
+        for old in [k for k in _LOADED if k[:2] == key[:2]]:
+            del _LOADED[old]  # the previous version of this model: free its memory
+        _LOADED[key] = load_model(path, device=key[1])
     return _LOADED[key]
 
 
@@ -54,7 +61,8 @@ class ModelPlugin(WorkerPlugin):
         model_on_worker(self.model_dir, self.device)
 
     def teardown(self, worker: Any) -> None:
-        _LOADED.pop((self.model_dir, self.device or pick_device()), None)
+        for key in [k for k in _LOADED if k[:2] == (self.model_dir, self.device or pick_device())]:
+            del _LOADED[key]
 
 
 def in_batches(fn: Callable[[int, int], Any], n: int, batch_size: int) -> list[Any]:
@@ -151,14 +159,6 @@ def incremental_tasks(url: str, stage: str, *, storage_options: dict | None = No
     return tasks, skipped
 
 
-def keep_done_rows(group: Any, start: int, row_from: int, new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Prefix the new rows' values with the stored values of rows [start, row_from), already done,
-    so the write still covers the whole shard and earlier results stay byte for byte."""
-    if row_from == start:
-        return new
-    return {name: np.concatenate([group[name][start:row_from].astype(v.dtype), v]) for name, v in new.items()}
-
-
 def gpu_resources(client: Any) -> dict | None:
     """``{"GPU": 1}`` when the cluster has GPU workers (dask-cuda with --resources GPU=1), else None.
 
@@ -183,7 +183,7 @@ def run_model_shard(task: dict, compute: Callable[[LoadedModel, np.ndarray, list
     start, row_from, stop = task["start"], task["row_from"], task["stop"]
     ok, pixels = decode_rows(group, row_from, stop)
     new = compute(model, ok, pixels, task)
-    catalog.write_arrays(group, start, stop, keep_done_rows(group, start, row_from, new))
+    catalog.write_arrays(group, start, stop, catalog.with_stored_rows(group, start, row_from, new))
     catalog.mark_done(url, task["stage"], task["shard"], {"rows": [start, stop], "computed": stop - row_from,
                                                            "model": model.card.id}, storage_options=so)
     return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
@@ -208,10 +208,3 @@ def run_model_stage(url: str, model_dir: str, shard_fn: Callable[[dict], dict], 
     if run.failures:
         raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
     return report
-
-
-def record_stage(group: Any, stage: str, record: dict) -> None:
-    """Record a stage's parameters in the group attributes (client only)."""
-    stages = catalog.metadata(group).get("stages", {})
-    if stages.get(stage) != record:
-        catalog.update_metadata(group, stages={**stages, stage: record})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import dask
 import numpy as np
 
 from pzscale import catalog
@@ -30,10 +29,7 @@ def _label_shard(url: str, start: int, stop: int, storage_options: dict | None) 
 
 def label_mappings(url: str, *, storage_options: dict | None = None) -> Counter:
     """Image counts by (source, original label, lineage) over the catalog, one task per shard."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    ranges = catalog.shard_ranges(0, catalog.n_rows_of(group), catalog.metadata(group)["shard_len"])
-    parts = dask.compute(*[dask.delayed(_label_shard)(url, a, b, storage_options) for _, a, b in ranges])
-    return sum(parts, Counter())
+    return sum(catalog.map_shards(_label_shard, url, storage_options=storage_options), Counter())
 
 
 def summarize(url: str, *, storage_options: dict | None = None) -> dict:
@@ -42,7 +38,7 @@ def summarize(url: str, *, storage_options: dict | None = None) -> dict:
     meta = catalog.metadata(group)
     n_rows, shard_len = catalog.n_rows_of(group), meta["shard_len"]
     ranges = catalog.shard_ranges(0, n_rows, shard_len)
-    parts = dask.compute(*[dask.delayed(_count_shard)(url, a, b, storage_options) for _, a, b in ranges])
+    parts = catalog.map_shards(_count_shard, url, storage_options=storage_options)
     total: dict = {"sources": Counter(), "status": Counter(), "with_lineage": 0, "with_label": 0}
     for p in parts:
         for key in total:

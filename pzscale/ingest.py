@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 from distributed import Client, get_client
 
 from pzscale import catalog, images, readers, taxonomy
-from pzscale.errors import CatalogError, InputError, StageError
+from pzscale.errors import CatalogError, InputError, StageError, one_line
 from pzscale.progress import run_shards
 from pzscale.readers.base import Item
 from pzscale.schema import (
@@ -123,11 +122,6 @@ def make_plan(
 
 
 # ---------------------------------------------------------------- records -> catalog variables
-
-
-def _one_line(e: BaseException) -> str:
-    """One line, and the same text every run (object addresses removed), so reruns are byte-identical."""
-    return re.sub(r" at 0x[0-9a-f]+", "", " ".join(str(e).split()))[:300]
 
 
 ID_COLUMNS = ("ObjID", "aphia_ID", "NCBI_ID", "BOLD_ID")
@@ -264,7 +258,7 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
             height[i], width[i], mode[i] = images.probe(data)
             status[i] = STATUS_OK
         except Exception as e:  # noqa: BLE001 - any decoder failure is this row's status
-            status[i], error[i] = STATUS_DECODE_ERROR, f"{type(e).__name__}: {_one_line(e)}"
+            status[i], error[i] = STATUS_DECODE_ERROR, f"{type(e).__name__}: {one_line(e)}"
     image_bytes = np.empty(n, dtype=object)
     image_bytes[:] = encoded
     out.update(height=height, width=width, mode=mode, status=status, error=error, image_bytes=image_bytes)
@@ -300,11 +294,8 @@ def ingest_shard(task: dict) -> dict:
         taxonomy.apply(table_df, columns, table_source=task.get("taxonomy_source"))
     group = catalog.open_group(url, mode="r+", storage_options=so, check=False)  # write_rows checks
     shard_start = task["shard"] * task["shard_len"]
-    if shard_start < task["start"]:
-        # The shard begins with rows of an earlier collection (append): rewrite them unchanged
-        # so the write still covers the whole shard.
-        before = catalog.read_rows(group, shard_start, task["start"])
-        columns = {k: np.concatenate([before[k].astype(columns[k].dtype), columns[k]]) for k in columns}
+    # a shard that begins with rows of an earlier collection (append) rewrites them unchanged
+    columns = catalog.with_stored_rows(group, shard_start, task["start"], columns)
     catalog.write_rows(group, shard_start, task["stop"], columns)
     counts = Counter(columns["status"][task["start"] - shard_start :])
     info = {"rows": [task["start"], task["stop"]], "plan": task["plan"], "status": dict(counts)}
@@ -395,18 +386,6 @@ def _plan_record(plan: Plan) -> dict:
     }
 
 
-def _record_parameters(url: str, plan: Plan, *, taxonomy_table: str | None, storage_options: dict | None,
-                       **params: str | None) -> None:
-    """Record the stage's parameters in the group attributes (never credentials)."""
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
-    record = {**params, "taxonomy_table": taxonomy_table}
-    if taxonomy_table:
-        record["taxonomy_sha256"] = taxonomy.read_table(taxonomy_table, storage_options=storage_options).attrs["sha256"]
-    stages = catalog.metadata(group).get("stages", {})
-    if stages.get(plan.stage) != record:
-        catalog.update_metadata(group, stages={**stages, plan.stage: record})
-
-
 def ingest(
     sources: list[str],
     url: str,
@@ -435,16 +414,18 @@ def ingest(
         client = client or get_client()
     except ValueError:
         raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
-    if taxonomy_table:  # fail on a bad table before any write
-        taxonomy.read_table(taxonomy_table, storage_options=storage_options)
+    # a bad table fails before any write; its hash is recorded with the stage's parameters
+    table_sha = taxonomy.read_table(taxonomy_table, storage_options=storage_options).attrs["sha256"] \
+        if taxonomy_table else None
     meta_len = None
     if catalog.exists(url, storage_options=storage_options):
         meta_len = catalog.metadata(catalog.open_group(url, storage_options=storage_options, check=False))["shard_len"]
     probe = make_plan(list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN, format=format,
                       source=source, storage_options=storage_options)
     plan = _prepare(probe, url, shard_len, append, storage_options)
-    _record_parameters(url, plan, format=format, source=source, taxonomy_table=taxonomy_table,
-                       taxonomy_source=taxonomy_source, storage_options=storage_options)
+    group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
+    catalog.record_stage(group, plan.stage, {"format": format, "source": source, "taxonomy_table": taxonomy_table,
+                                             "taxonomy_source": taxonomy_source, "taxonomy_sha256": table_sha})
     done = catalog.done_shards(url, plan.stage, storage_options=storage_options)
     all_tasks = plan.shard_tasks()
     common = {"catalog": url, "storage_options": storage_options, "plan": plan.id, "stage": plan.stage,

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pzscale.errors import ModelError
+from pzscale.errors import ModelError, one_line
 
 __all__ = [
     "OPENAI_MEAN",
@@ -130,7 +130,7 @@ class ModelCard:
             what = "no model card (model_card.json)" if Path(model_dir).is_dir() else "no such model directory"
             raise ModelError(f"{path}: {what}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{path}: unreadable model card: {_one_line(e)}") from None
+            raise ModelError(f"{path}: unreadable model card: {one_line(e)}") from None
         if not isinstance(data, dict):
             raise ModelError(f"{path}: a model card must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -146,7 +146,7 @@ class ModelCard:
         except ModelError as e:
             raise ModelError(f"{path}: {e}") from None
         except (TypeError, ValueError) as e:
-            raise ModelError(f"{path}: invalid model card: {_one_line(e)}") from None
+            raise ModelError(f"{path}: invalid model card: {one_line(e)}") from None
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -391,7 +391,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             loaded: Any = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelError(f"{path}: corrupt or unreadable safetensors file: {_one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt or unreadable safetensors file: {one_line(e)}") from None
     else:
         loaded = _torch_load_weights_only(path)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -412,13 +412,13 @@ def _torch_load_weights_only(path: Path) -> Any:
                     f"{path}: refused: the checkpoint needs arbitrary code to load (torch.load weights_only=True): "
                     f"{_weights_only_reason(e)}"
                 ) from None
-            raise ModelError(f"{path}: corrupt checkpoint: {_one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt checkpoint: {one_line(e)}") from None
         except RuntimeError as e:
             if mmap and "mmap can only be used" in str(e):
                 continue  # legacy (pre-zip) torch.save format: read it whole
-            raise ModelError(f"{path}: corrupt checkpoint: {_one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt checkpoint: {one_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - torch raises KeyError, EOFError, ... on garbage; all mean "corrupt"
-            raise ModelError(f"{path}: corrupt or unreadable checkpoint: {type(e).__name__}: {_one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt or unreadable checkpoint: {type(e).__name__}: {one_line(e)}") from None
     raise AssertionError("unreachable")
 
 
@@ -427,8 +427,8 @@ def _weights_only_reason(error: Exception) -> str:
     for line in str(error).splitlines():
         line = line.strip()
         if line.startswith(("WeightsUnpickler error", "Unsupported global", "Unsupported operand")):
-            return _one_line(line)
-    return _one_line(error)
+            return one_line(line)
+    return one_line(error)
 
 
 def _weight_path(model_dir: Path, card: ModelCard, role: str) -> Path:
@@ -447,7 +447,7 @@ def _load_strict(
     try:
         module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:
-        raise ModelError(f"{path}: weights do not fit {what}: {_one_line(e)}") from None
+        raise ModelError(f"{path}: weights do not fit {what}: {one_line(e)}") from None
 
 
 def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, what: str) -> None:
@@ -479,7 +479,7 @@ def _build_meta(build: Callable[[], nn.Module], path: Path) -> nn.Module:
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - library constructors raise anything on a bad name or config
-        raise ModelError(f"{path}: cannot build the architecture: {type(e).__name__}: {_one_line(e)}") from None
+        raise ModelError(f"{path}: cannot build the architecture: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _materialise(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
@@ -525,7 +525,7 @@ def _output_width(backbone: nn.Module, image_size: int, path: Path, architecture
             out = backbone(torch.empty(1, 3, image_size, image_size))
     except Exception as e:  # noqa: BLE001 - a wrong image size fails deep inside the network
         raise ModelError(
-            f"{path}: {architecture} does not accept {image_size} px input: {type(e).__name__}: {_one_line(e)}"
+            f"{path}: {architecture} does not accept {image_size} px input: {type(e).__name__}: {one_line(e)}"
         ) from None
     if out.ndim != 2:
         raise ModelError(f"{path}: {architecture} gives {tuple(out.shape)} outputs, not (N, embed_dim)")
@@ -605,15 +605,10 @@ def _copy_with_sha256(source: Path, target: Path) -> str:
             tmp.replace(target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise ModelError(f"{source}: cannot copy to {target}: {_one_line(e)}") from None
+            raise ModelError(f"{source}: cannot copy to {target}: {one_line(e)}") from None
         return digest.result()
 
 
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _one_line(error: object, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -61,7 +61,7 @@ def assign_splits(
     group = catalog.open_group(url, mode="r+", storage_options=so)
     n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
     ranges = catalog.shard_ranges(0, n_rows, shard_len)
-    parts = dask.compute(*[dask.delayed(_shard_keys)(url, a, b, seed, so) for _, a, b in ranges])
+    parts = catalog.map_shards(_shard_keys, url, seed, storage_options=so)
     keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, object)
     order = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint64)
     codes, groups = pd.factorize(keys)  # '' (no label) is a group too; handled below
@@ -86,8 +86,7 @@ def assign_splits(
         "description": "train/val/test (stratified per source and label), unseen (held-out sources)",
         "seed": seed, "fractions": list(fractions), "min_count": min_count, "unseen_sources": list(unseen_sources)})
     dask.compute(*[dask.delayed(_write_shard)(url, a, b, split[a:b], so) for _, a, b in ranges])
-    stages = catalog.metadata(group).get("stages", {})
-    catalog.update_metadata(group, stages={**stages, SPLIT: {
+    catalog.record_stage(group, SPLIT, {
         "seed": seed, "fractions": list(fractions), "min_count": min_count, "unseen_sources": list(unseen_sources),
-        "groups": int(len(groups) - ("" in set(groups)))}})
+        "groups": int(len(groups) - ("" in set(groups)))})
     return dict(Counter(split.tolist()))

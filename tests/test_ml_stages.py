@@ -215,3 +215,19 @@ def test_fine_tune_a_saved_backbone_end_to_end(trained, client, tmp_path):
     shutil.copytree(url, copy)
     classify(copy, tuned_dir, client=client, progress=False)
     assert evaluate(copy, tuned.id).set_index("rank").loc["species", "macro_f1"] > 0.8
+
+
+def test_a_model_retrained_into_the_same_directory_is_not_served_stale(trained, tmp_path):
+    from pzscale.inference import model_on_worker
+
+    _, model_dir, _, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    first = model_on_worker(str(copy))
+    assert model_on_worker(str(copy)) is first  # cached
+    card = ModelCard.load(copy)
+    card.version = "2"
+    time.sleep(0.01)
+    card.save(copy)
+    second = model_on_worker(str(copy))
+    assert second is not first and second.card.version == "2"

@@ -24,7 +24,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 
-from pzscale.errors import InputError
+from pzscale.errors import InputError, one_line
 from pzscale.readers.base import Item, Reader, records
 from pzscale.schema import instrument_family
 
@@ -42,10 +42,6 @@ TEXT_COLUMNS = {
     "object_annotation_status": "annotation_status",
     "object_aphiaid": "aphia_ID",
 }
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 class EcoTaxaReader(Reader):

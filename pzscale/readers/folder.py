@@ -24,7 +24,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from pzscale.errors import InputError
+from pzscale.errors import InputError, one_line
 from pzscale.readers.base import Item, Reader, records
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
@@ -104,10 +104,6 @@ def read_spans(fileobj: IO[bytes], spans: list[tuple[int, int]], *, gz: bool = F
             raise EOFError(f"member at offset {offset} ends early ({len(data)} of {size} bytes)")
         out[index] = data
     return out
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 # ---------------------------------------------------------------- layout

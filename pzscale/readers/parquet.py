@@ -9,13 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pzscale.errors import InputError
+from pzscale.errors import InputError, one_line
 from pzscale.readers.base import Item, Reader
 from pzscale.schema import PARQUET_COLUMNS, PARQUET_REQUIRED
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 class ParquetReader(Reader):

@@ -17,9 +17,9 @@ from typing import IO, Any
 import fsspec
 import pyarrow as pa
 
-from pzscale.errors import InputError
+from pzscale.errors import InputError, one_line
 from pzscale.readers.base import Item, Reader, records
-from pzscale.readers.folder import ARCHIVE_ERRORS, IMAGE_EXTENSIONS, one_line, read_spans, tar_members
+from pzscale.readers.folder import ARCHIVE_ERRORS, IMAGE_EXTENSIONS, read_spans, tar_members
 
 DEFAULT_SOURCE = "webdataset"
 PEEK_MEMBERS = 20  # tar members guess_can_open looks at
