@@ -266,6 +266,15 @@ def evaluate(
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+# ---- dedup commands (issue 5): insert below this line ----
+
+# ---- env / abundance / export commands (issue 6): insert below this line ----
+
+# ---- compare commands (issue 10): insert below this line ----
+
+# ---- end of stage commands ----
+
+
 @app.command("info")
 def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL")], storage_options: StorageOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
