@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,10 +24,11 @@ import torch
 from distributed import Client, LocalCluster
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ingest import machine, stats  # noqa: E402
+from common import machine, save, stats  # noqa: E402
 
 from pzscale import catalog, images  # noqa: E402
 from pzscale.embed import embed  # noqa: E402
+from pzscale.inference import autocast  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
 from pzscale.models import (  # noqa: E402
     ModelCard,
@@ -57,18 +57,20 @@ def make_models(work: Path) -> dict[str, str]:
     return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit")}
 
 
-def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int, device: str) -> float:
+def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int, device: str,
+              precision: str = "fp32") -> float:
     torch.set_num_threads(threads)
     model = load_model(model_dir, device=device)
     card = model.card
     batches = [prepare_batch(pixels[i:i + batch_size], size=card.image_size, mean=card.mean, std=card.std,
                              device=device)[0] for i in range(0, len(pixels), batch_size)]
-    model.embed(batches[0])  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for x in batches:
-        model.embed(x)
-    _sync(device)  # the timed region ends when the device has finished
+    with torch.no_grad(), autocast(device, precision):
+        model.embed(batches[0])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            model.embed(x)
+        _sync(device)  # the timed region ends when the device has finished
     return len(pixels) / (time.perf_counter() - start)
 
 
@@ -77,7 +79,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int, device: str) -> list[float]:
+def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int, device: str,
+          precision: str = "fp32") -> list[float]:
     rates = []
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
             Client(c) as client:
@@ -86,7 +89,8 @@ def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int,
                 copy = f"{tmp}/cat.zarr"
                 shutil.copytree(url, copy)
                 start = time.perf_counter()
-                embed(copy, model_dir, client=client, batch_size=batch_size, device=device, progress=False)
+                embed(copy, model_dir, client=client, batch_size=batch_size, device=device, precision=precision,
+                      progress=False)
                 rates.append(n / (time.perf_counter() - start))
     return rates
 
@@ -100,6 +104,8 @@ def main() -> None:
     parser.add_argument("--shard-len", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU: use --workers 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 bf16 fp16 (autocast)")
+    parser.add_argument("--models", nargs="+", default=["builtin-cnn-64", "open_clip-ViT-B-16-224"])
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=HERE / "data"))
@@ -113,21 +119,29 @@ def main() -> None:
         ok = np.flatnonzero(group["status"][:] == "ok")
         pixels = [images.decode(bytes(b)) for b in group["image_bytes"].get_orthogonal_selection((ok,))]
         n = catalog.n_rows_of(group)
-        results: dict = {"metadata": {"machine": machine(), "suite": "embed", "images": n, "decoded": len(ok),
-                                      "batch_size": args.batch_size, "repeats": args.repeats,
+        results: dict = {"metadata": {"machine": machine(args.device), "suite": "embed", "images": n,
+                                      "decoded": len(ok), "batch_size": args.batch_size, "repeats": args.repeats,
                                       "device": _device_name(args.device), "shard_len": args.shard_len},
-                   "results": {}}
+                         "results": {}, "summary": []}
         for label, model_dir in make_models(work).items():
-            res = results["results"][label] = {}
-            for workers in args.workers:
-                bare = [bare_loop(model_dir, pixels, args.batch_size, workers, args.device)
-                        for _ in range(args.repeats)]
-                piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n, args.device)
-                res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
-                                      "ratio": statistics.median(piped) / statistics.median(bare)}
-                print(label, workers, json.dumps(res[f"{workers}w"]), flush=True)
-        out = HERE / "results" / f"embed--{socket.gethostname()}--{args.device}.json"
-        out.write_text(json.dumps(results, indent=1))
+            if label not in args.models:
+                continue
+            for precision in args.precision:
+                key = label if precision == "fp32" else f"{label}-{precision}"
+                res = results["results"][key] = {}
+                for workers in args.workers:
+                    bare = [bare_loop(model_dir, pixels, args.batch_size, workers, args.device, precision)
+                            for _ in range(args.repeats)]
+                    piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n, args.device, precision)
+                    ratio = statistics.median(piped) / statistics.median(bare)
+                    res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
+                                          "ratio": ratio}
+                    results["summary"].append({
+                        "stage": "embed", "model": key, "workers": workers, "images": n,
+                        "device": args.device.split(":")[0], "images_per_s": statistics.median(piped),
+                        "ceiling_ratio": ratio, "ceiling_target": 0.9, "precision": precision})
+                    print(key, workers, json.dumps(res[f"{workers}w"]), flush=True)
+        out = save("embed", results, args.device)
         render_readme()
         print(f"wrote {out}")
     finally:

@@ -8,6 +8,7 @@ shard ``i`` of every array and each write is one object per array (atomic on S3)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import warnings
@@ -19,10 +20,11 @@ import fsspec
 import numpy as np
 import xarray as xr
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.core.sync import sync
 
 from pzscale import images
-from pzscale.errors import CatalogError, ShardAlignmentError
+from pzscale.errors import CatalogError, ShardAlignmentError, one_line
 from pzscale.schema import BY_NAME, VARIABLE_NAMES, VARIABLES
 
 DEFAULT_SHARD_LEN = 16384
@@ -67,7 +69,19 @@ def _fs(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSyst
 
 def exists(url: str, *, storage_options: dict | None = None) -> bool:
     fs, root = _fs(url, storage_options)
-    return fs.exists(f"{root}/zarr.json")
+    try:
+        return fs.exists(f"{root}/zarr.json")
+    except PermissionError:
+        if isinstance(fs, LocalFileSystem):
+            raise CatalogError(f"{url}: permission denied") from None
+        # The first request to a store: wrong or missing credentials surface here, in one line
+        # that never repeats them.
+        raise CatalogError(
+            f"{url}: access denied; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the "
+            "environment, an fsspec config, or key/secret in storage_options) and the endpoint"
+        ) from None
+    except Exception as e:  # an unreachable endpoint, bad options...: one line, not a botocore traceback
+        raise CatalogError(f"{url}: cannot reach the store ({type(e).__name__}: {one_line(e)})") from None
 
 
 # ---------------------------------------------------------------- layout
@@ -217,11 +231,15 @@ def write_rows(group: zarr.Group, start: int, stop: int, columns: dict[str, np.n
 
 def write_arrays(group: zarr.Group, start: int, stop: int, columns: dict[str, np.ndarray]) -> None:
     """Write whole shards [start, stop) of the named arrays (a stage's outputs), all at once."""
-    arrays = _checked_arrays(group, f"write of rows [{start}, {stop})")
-    check_aligned(start, stop, arrays["image_id"].shape[0], metadata(group)["shard_len"])
-    unknown = sorted(set(columns) - set(arrays))
-    if unknown:
-        raise CatalogError(f"write of rows [{start}, {stop}): no arrays {unknown} in the catalog")
+    where = f"write of rows [{start}, {stop})"
+    arrays = _arrays_to_write(group, [*columns, "image_id"], where)
+    n_rows, shard_len = arrays["image_id"].shape[0], metadata(group)["shard_len"]
+    for name in columns:
+        arr = arrays[name]
+        if arr.shape[0] != n_rows or (arr.shards or arr.chunks)[0] != shard_len:
+            raise CatalogError(f"{where}: array {name} has shape {arr.shape} and shards {arr.shards}; "
+                               f"expected {n_rows} rows in shards of {shard_len}")
+    check_aligned(start, stop, n_rows, shard_len)
     for name, values in columns.items():
         if len(values) != stop - start:
             raise CatalogError(f"variable {name} has {len(values)} values for {stop - start} rows")
@@ -232,6 +250,22 @@ def write_arrays(group: zarr.Group, start: int, stop: int, columns: dict[str, np
         await asyncio.gather(*(arrays[n].async_array.setitem(slice(start, stop), v) for n, v in columns.items()))
 
     sync(write_all())
+
+
+def _arrays_to_write(group: zarr.Group, names: list[str], where: str) -> dict[str, zarr.Array]:
+    """The named arrays only: a stage writing two arrays reads two metadata documents, not every
+    array's (on S3 each is a GET); many names are read with one concurrent listing."""
+    if len(names) > 8:
+        arrays = dict(group.arrays())
+    else:
+        arrays = {}
+        for name in names:
+            with contextlib.suppress(KeyError):
+                arrays[name] = group[name]
+    unknown = sorted(set(names) - set(arrays))
+    if unknown:
+        raise CatalogError(f"{where}: no arrays {unknown} in the catalog")
+    return arrays
 
 
 def ensure_array(
@@ -321,17 +355,54 @@ def get_json(url: str, key: str, *, storage_options: dict | None = None) -> Any:
         raise CatalogError(f"{url}: missing {PRIVATE}/{key}") from None
 
 
-def mark_done(url: str, stage: str, shard: int, info: dict, *, storage_options: dict | None = None) -> None:
-    """Record that ``stage`` finished ``shard``. Call only after every array of the shard is written."""
+def mark_done(
+    url: str, stage: str, shard: int, info: dict, *, storage_options: dict | None = None, replace: bool = False
+) -> bool:
+    """Record that ``stage`` finished ``shard``. Call only after every array of the shard is written.
+
+    The marker is created only if absent (``If-None-Match: *`` on S3, ``O_EXCL`` on disk): False
+    means another attempt of the same shard and rows marked it first, which a task takes as
+    done, since both attempts wrote the same bytes. A marker for other ``rows`` (a stage
+    extending a shard after an append) is superseded, as is any marker with ``replace``.
+    """
     fs, root = _fs(url, storage_options)
     fs.makedirs(_marker_dir(root, stage), exist_ok=True)
-    body = json.dumps({"stage": stage, "shard": shard, "pzscale": version("pzscale"), **info})
-    fs.pipe_file(f"{_marker_dir(root, stage)}/{shard:06d}.json", body.encode())
+    body = json.dumps({"stage": stage, "shard": shard, "pzscale": version("pzscale"), **info}).encode()
+    path = f"{_marker_dir(root, stage)}/{shard:06d}.json"
+    if not replace:
+        if _create_only(fs, path, body):
+            return True
+        try:
+            existing = json.loads(fs.cat_file(path))
+        except ValueError:  # empty: the other attempt is writing its marker at this moment
+            return False
+        if existing.get("rows") == info.get("rows"):
+            return False
+    fs.pipe_file(path, body)
+    return True
+
+
+def _create_only(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> bool:
+    """Write ``body`` at ``path`` unless an object is there already; True if this call created it."""
+    try:
+        if isinstance(fs, LocalFileSystem):
+            with fs.open(path, "xb") as f:  # O_EXCL: pipe_file's "create" checks, then writes
+                f.write(body)
+        else:
+            fs.pipe_file(path, body, mode="create")  # conditional PUT on S3
+    except OSError:
+        # The 412 of a lost race: FileExistsError on moto, a bare OSError on SeaweedFS.
+        fs.invalidate_cache(path)
+        if fs.exists(path):
+            return False
+        raise
+    return True
 
 
 def done_shards(url: str, stage: str, *, storage_options: dict | None = None) -> set[int]:
     """Shards with a done marker for ``stage``: one LIST, never a read of the data."""
     fs, root = _fs(url, storage_options)
+    fs.invalidate_cache(_marker_dir(root, stage))  # s3fs caches listings; markers come from other processes
     try:
         names = fs.ls(_marker_dir(root, stage), detail=False)
     except FileNotFoundError:
@@ -352,6 +423,7 @@ def marker_infos(url: str, stage: str, *, storage_options: dict | None = None) -
 def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, set[int]]:
     """Every stage with markers, and its finished shards."""
     fs, root = _fs(url, storage_options)
+    fs.invalidate_cache(f"{root}/{PRIVATE}/done")
     try:
         found = fs.find(f"{root}/{PRIVATE}/done")
     except FileNotFoundError:

@@ -46,7 +46,8 @@ def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> dict[str, 
 
 def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: dict) -> dict[str, np.ndarray]:
     n, rows = names(model.card), task["stop"] - task["row_from"]
-    _, probs, _ = forward(model, pixels, batch_size=task["batch_size"], with_logits=True, tta=task["tta"])
+    _, probs, _ = forward(model, pixels, batch_size=task["batch_size"], with_logits=True, tta=task["tta"],
+                          precision=task.get("precision", "fp32"))
     new = {}
     for key, values in predictions(probs, model.card.classes, task["top_k"]).items():
         is_text = values.dtype == object
@@ -69,6 +70,7 @@ def classify(
     batch_size: int = 64,
     top_k: int = 5,
     tta: bool = False,
+    precision: str = "fp32",
     device: str | None = None,
     storage_options: dict | None = None,
     progress: bool = True,
@@ -93,7 +95,8 @@ def classify(
         catalog.ensure_array(group, n[key], dtype="float32", fill=np.nan, trailing=trailing, dims=dims, attrs=attrs)
     catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture, "classes": len(card.classes),
-                                     "top_k": k, "tta": tta, "training_data_sha256": card.training_data_sha256})
-    return run_model_stage(url, model_dir, classify_shard, stage=n["stage"],
-                           params={"batch_size": batch_size, "tta": tta, "top_k": k}, client=client, device=device,
-                           storage_options=storage_options, progress=progress)
+                                     "top_k": k, "tta": tta, "precision": precision,
+                                     "training_data_sha256": card.training_data_sha256})
+    params = {"batch_size": batch_size, "tta": tta, "top_k": k, "precision": precision}
+    return run_model_stage(url, model_dir, classify_shard, stage=n["stage"], params=params, client=client,
+                           device=device, storage_options=storage_options, progress=progress)

@@ -144,6 +144,7 @@ def taxonomy_report(
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model directory (model_card.json + weights)")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16/fp16 under autocast (GPU)")]
 
 
 def _client(scheduler: str | None, workers: int | None):
@@ -174,7 +175,7 @@ def split(
 def train(
     catalog_url: CatalogOpt,
     out: Annotated[Path, typer.Option(help="model directory to write")],
-    name: Annotated[str, typer.Option(help="model name")] = "pzscale-cnn",
+    name: Annotated[str | None, typer.Option(help="model name (default pzscale-cnn, pzscale-clip)")] = None,
     version: Annotated[str, typer.Option(help="model version")] = "1",
     backbone: Annotated[str | None, typer.Option(
         help="model directory whose stored embeddings to train a head on (default: train the built-in CNN)")] = None,
@@ -182,15 +183,24 @@ def train(
     epochs: Annotated[int, typer.Option()] = 10,
     image_size: Annotated[int, typer.Option(help="input size of the built-in CNN")] = 64,
     seed: Annotated[int, typer.Option()] = 0,
+    objective: Annotated[str, typer.Option(
+        help="supervised (a classifier) or clip (CLIP-style image-text training with lineage text; --backbone: "
+             "the CLIP model directory to start from, default the tiny CPU architecture)")] = "supervised",
     storage_options: StorageOpt = None,
 ) -> None:
-    """Train a classifier on the catalog's train split (run `pzscale split` first)."""
+    """Train a classifier, or a CLIP-style model, on the catalog's train split (run `pzscale split` first)."""
+    from pzscale.clip_train import train_clip
     from pzscale.train import train as fit
 
+    so = _storage_options(storage_options)
     try:
-        card = fit(catalog_url, str(out), name=name, version=version, backbone_dir=backbone, head=head,
-                   epochs=epochs, image_size=image_size, seed=seed, storage_options=_storage_options(storage_options),
-                   log=typer.echo)
+        if objective == "clip":
+            card = train_clip(catalog_url, str(out), name=name or "pzscale-clip", version=version, init_dir=backbone,
+                              epochs=epochs, image_size=None if backbone else image_size, seed=seed,
+                              storage_options=so, log=typer.echo)
+        else:
+            card = fit(catalog_url, str(out), objective=objective, name=name, version=version, backbone_dir=backbone,
+                       head=head, epochs=epochs, image_size=image_size, seed=seed, storage_options=so, log=typer.echo)
     except PzscaleError as e:
         _fail(e)
     typer.echo(f"model {card.id} ({len(card.classes)} classes) saved in {out}")
@@ -202,6 +212,7 @@ def embed(
     model: ModelOpt,
     batch_size: Annotated[int, typer.Option()] = 64,
     tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
+    precision: PrecisionOpt = "fp32",
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
@@ -211,7 +222,7 @@ def embed(
 
     try:
         with _client(scheduler, workers) as client:
-            report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta,
+            report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta, precision=precision,
                          storage_options=_storage_options(storage_options))
     except PzscaleError as e:
         _fail(e)
@@ -225,6 +236,7 @@ def classify(
     batch_size: Annotated[int, typer.Option()] = 64,
     top_k: Annotated[int, typer.Option()] = 5,
     tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
+    precision: PrecisionOpt = "fp32",
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
@@ -235,7 +247,7 @@ def classify(
     try:
         with _client(scheduler, workers) as client:
             report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
-                         storage_options=_storage_options(storage_options))
+                         precision=precision, storage_options=_storage_options(storage_options))
     except PzscaleError as e:
         _fail(e)
     typer.echo(str(report))
@@ -268,9 +280,214 @@ def evaluate(
 
 # ---- dedup commands (issue 5): insert below this line ----
 
+
+@app.command("dedup")
+def dedup_cmd(
+    catalog_url: CatalogOpt,
+    method: Annotated[str, typer.Option("--method", help="comma-separated: exact, near, semantic")] = "exact,near",
+    threshold: Annotated[int | None, typer.Option(
+        help="near: largest pHash Hamming distance of 64 bits (default 8)")] = None,
+    bands: Annotated[int | None, typer.Option(help="near: bands the pHash is cut into (default: from N)")] = None,
+    embedding: Annotated[str | None, typer.Option(
+        help="semantic: emb__<model> array or model id (default: the only one)")] = None,
+    eps: Annotated[float | None, typer.Option(help="semantic: duplicates have cosine > 1 - eps (default 0.01)")] = None,
+    clusters: Annotated[int | None, typer.Option(help="semantic: k-means clusters (default: sqrt of rows)")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Group duplicate images (exact pixels, perceptual hash, embeddings); write dup_* arrays, dup_keep and reports."""
+    from pzscale import dedup as stage
+
+    options = {k: v for k, v in (("near_threshold", threshold), ("eps", eps)) if v is not None}
+    try:
+        with _client(scheduler, workers) as client:
+            report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,
+                                 client=client, storage_options=_storage_options(storage_options), **options)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(str(report))
+
+
+@app.command("dedup-report")
+def dedup_report_cmd(
+    catalog_url: CatalogOpt,
+    kind: Annotated[str, typer.Argument(help="pairs, cross-source, leakage or histogram")] = "cross-source",
+    method: Annotated[str | None, typer.Option(help="exact, near or semantic (default: every method run)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the whole table to this CSV file")] = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Print a dedup report table (duplicate pairs, pairs across sources, split leakage, similarity histogram)."""
+    from pzscale import dedup as stage
+
+    readers = {"pairs": stage.duplicate_pairs, "cross-source": stage.cross_source_pairs,
+               "leakage": stage.leakage_report}
+    so = _storage_options(storage_options)
+    try:
+        if kind == "histogram":
+            table = stage.similarity_histogram(catalog_url, storage_options=so)
+        elif kind in readers:
+            table = readers[kind](catalog_url, method=method, storage_options=so)
+        else:
+            raise typer.BadParameter(f"report kind must be pairs, cross-source, leakage or histogram, not {kind!r}")
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(f"{kind}: {len(table):,} row(s)")
+    typer.echo(table.head(30).to_string(index=False) if len(table) else "  none")
+    if out:
+        table.to_csv(out, index=False)
+        typer.echo(f"wrote {out}")
+
+
 # ---- env / abundance / export commands (issue 6): insert below this line ----
 
+TaxonModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="use this model id's predictions (pred__<id>__*) instead of the catalog's annotations")]
+MinProbOpt = Annotated[float, typer.Option(help="with --model: the least probability a prediction needs")]
+
+
+@app.command("env")
+def env_cmd(
+    catalog_url: CatalogOpt,
+    grid: Annotated[str, typer.Option(help="grid file or URL: NetCDF or Zarr, local or s3://...")],
+    var: Annotated[list[str], typer.Option(
+        "--var", help="NAME=VARIABLE (or NAME, an alias such as sst, thetao, so, chlor_a); writes env_NAME; repeat")],
+    time_mode: Annotated[str, typer.Option(
+        "--time", help="auto (month of year for climatologies, else nearest), nearest or month")] = "auto",
+    depth_mode: Annotated[str, typer.Option(
+        "--depth", help="nearest level to the image's depth, or mean over its depth range")] = "nearest",
+    land_fill_km: Annotated[float | None, typer.Option(
+        help="give points on a NaN (land) cell the nearest valid cell within this radius")] = None,
+    lat_tolerance: Annotated[float | None, typer.Option(help="degrees (default: one grid step)")] = None,
+    lon_tolerance: Annotated[float | None, typer.Option(help="degrees (default: one grid step)")] = None,
+    depth_tolerance: Annotated[float | None, typer.Option(help="m (default: largest level spacing)")] = None,
+    time_tolerance_days: Annotated[float | None, typer.Option(help="days (default: one time step)")] = None,
+    kelvin: Annotated[bool, typer.Option(help="keep kelvin instead of converting to degC")] = False,
+    grid_storage_options: Annotated[str | None, typer.Option(help="fsspec options of the grid store, JSON")] = None,
+    overwrite: Annotated[bool, typer.Option(help="recompute a name joined before with other parameters")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Join gridded ocean variables at each image's position, depth and time (env_NAME, env_NAME_qc)."""
+    from pzscale.env import env as run
+    from pzscale.grids import JoinOptions
+
+    try:
+        options = JoinOptions(lat_tolerance=lat_tolerance, lon_tolerance=lon_tolerance, depth=depth_mode,
+                              depth_tolerance=depth_tolerance, time=time_mode,
+                              time_tolerance_days=time_tolerance_days, land_fill_km=land_fill_km, celsius=not kelvin)
+        so, grid_so = _storage_options(storage_options), _storage_options(grid_storage_options)
+        catalog.check_url(catalog_url)
+        with _client(scheduler, workers) as client:
+            report = run(catalog_url, grid, var, options=options, client=client, storage_options=so,
+                         grid_storage_options=grid_so, overwrite=overwrite)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(str(report))
+
+
+@app.command("abundance")
+def abundance_cmd(
+    catalog_url: CatalogOpt,
+    out: Annotated[str | None, typer.Option(help="Zarr store for the (taxon, time, lat, lon) counts")] = None,
+    rank: Annotated[str, typer.Option(help="kingdom ... species, or lineage")] = "genus",
+    model: TaxonModelOpt = None,
+    min_prob: MinProbOpt = 0.0,
+    cell: Annotated[float, typer.Option(help="cell size in degrees")] = 1.0,
+    time_bin: Annotated[str, typer.Option(help="pandas frequency of the time bins (1MS, 7D, 1YS)")] = "1MS",
+    png: Annotated[Path | None, typer.Option(help="write a map of the counts (or --taxon's) here")] = None,
+    taxon: Annotated[str | None, typer.Option(help="taxon to map (default: all summed)")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Count images per taxon, time bin and lat/lon cell (per litre where volumes are known); map them."""
+    from pzscale.abundance import abundance as run
+    from pzscale.abundance import plot_map
+
+    try:
+        so = _storage_options(storage_options)
+        with _client(scheduler, workers):  # --out on object storage uses the catalog's storage options
+            ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
+                     out=out, storage_options=so, out_storage_options=so)
+        if png:
+            plot_map(ds, png, taxon=taxon)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(f"abundance: {ds.attrs['images_counted']:,} images of {ds.sizes['taxon']} taxa at rank {rank} in "
+               f"{ds.sizes['time']} time bins x {ds.sizes['lat']} x {ds.sizes['lon']} cells of {cell:g} deg"
+               + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
+
+
+export_app = typer.Typer(help="Export the catalog for other systems.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("dwc")
+def export_dwc_cmd(
+    catalog_url: CatalogOpt,
+    out: Annotated[str, typer.Option(help="occurrence CSV to write (path or URL)")],
+    model: TaxonModelOpt = None,
+    min_prob: MinProbOpt = 0.0,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Darwin Core occurrence CSV for OBIS/GBIF: one row per identified image."""
+    from pzscale.dwc import export_dwc
+
+    try:
+        so = _storage_options(storage_options)
+        with _client(scheduler, workers):
+            result = export_dwc(catalog_url, out, model=model, min_prob=min_prob, storage_options=so,
+                                out_storage_options=so)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(f"wrote {result['rows']:,} occurrences to {result['path']}")
+
+
 # ---- compare commands (issue 10): insert below this line ----
+
+
+@app.command("compare")
+def compare_cmd(
+    catalog_url: CatalogOpt,
+    out: Annotated[Path, typer.Option(help="folder for compare.csv, compare.json and compare_f1_by_rank.png")],
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="model directory to compare (repeat): classifier or open_clip CLIP")] = None,
+    train_objective: Annotated[list[str] | None, typer.Option(
+        "--train", help="also train and compare: supervised and/or clip (repeat)")] = None,
+    unseen: Annotated[list[str] | None, typer.Option(
+        help="re-split first, holding out this whole source as unseen (repeat)")] = None,
+    paper_split: Annotated[bool, typer.Option(
+        help="re-split first with the paper's held-out sources (global_uvp5, planktoscope, planktonset1.0, "
+             "syke_ifcb_2022)")] = False,
+    dedup: Annotated[bool, typer.Option(
+        help="re-split so that duplicate groups (pzscale dedup) never straddle splits")] = False,
+    seed: Annotated[int, typer.Option(help="random seed of the split")] = 42,
+    epochs: Annotated[int, typer.Option(help="epochs of the models trained with --train")] = 10,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Planktonzilla comparison: macro-F1 per rank for each model and setting (supervised, CLIP-style,
+    zero-shot, 1-shot, 5-shot) on the seen (test) and unseen (held-out source) splits."""
+    from pzscale.compare import compare as run
+    from pzscale.split import PAPER_UNSEEN_SOURCES
+
+    sources = [*(unseen or ()), *(PAPER_UNSEEN_SOURCES if paper_split else ())]
+    try:
+        with _client(scheduler, workers) as client:
+            run(catalog_url, out, models=model or (), train_objectives=train_objective or (),
+                unseen_sources=sources if sources else None, dedup=dedup, split_seed=seed, epochs=epochs,
+                batch_size=batch_size, client=client, storage_options=_storage_options(storage_options),
+                log=typer.echo)
+    except PzscaleError as e:
+        _fail(e)
+    typer.echo(f"wrote {out / 'compare.csv'}, {out / 'compare.json'} and {out / 'compare_f1_by_rank.png'}")
+
 
 # ---- end of stage commands ----
 
@@ -293,8 +510,9 @@ def demo(
     epochs: Annotated[int, typer.Option(help="training epochs of the demo model")] = 6,
     workers: WorkersOpt = None,
 ) -> None:
-    """Synthesise a Planktonzilla collection and a cruise of raw IFCB bins, ingest both into one
-    catalog on a local cluster and summarise it."""
+    """The main job on a built-in default: synthesise a Planktonzilla collection and a cruise of raw
+    IFCB bins, ingest both into one catalog on a local cluster, split, train and classify,
+    deduplicate, join with an ocean grid and map abundance."""
     from pzscale.cluster import connect
     from pzscale.ingest import ingest as run
     from pzscale.synth import synth as make
@@ -312,7 +530,12 @@ def demo(
     n_rois = max(100, images // 5)
     synth_ifcb(bins, images=n_rois, seed=0)
     typer.echo(f"synthesised {images} images in {parquet} and {n_rois} IFCB ROIs in raw bins under {bins}")
+    from pzscale import grids
+    from pzscale.abundance import abundance as run_abundance
+    from pzscale.abundance import plot_map
     from pzscale.classify import classify as run_classify
+    from pzscale.dedup import dedup as run_dedup
+    from pzscale.env import env as run_env
     from pzscale.evaluate import evaluate as run_evaluate
     from pzscale.split import assign_splits
     from pzscale.train import train as fit
@@ -330,12 +553,22 @@ def demo(
         typer.echo(f"training the built-in CNN on the train split -> {model_dir}")
         card = fit(url, str(model_dir), epochs=epochs, log=lambda line: typer.echo("  " + line))
         typer.echo(str(run_classify(url, str(model_dir), client=client)))
+        typer.echo("\nduplicates (exact pixels, perceptual hash) within and across sources:")
+        typer.echo(str(run_dedup(url, methods=("exact", "near"), client=client)))
+        env_grid = out / "ocean_grid.nc"
+        grids.synthetic_grid(env_grid, resolution=2.0, climatology=True)
+        typer.echo(f"\njoining each image with the ocean grid {env_grid} (synthetic monthly climatology):")
+        typer.echo(str(run_env(url, str(env_grid), ["temperature=thetao", "salinity=so", "chl=chlor_a"],
+                               options=grids.JoinOptions(land_fill_km=100), client=client)))
+        counts = run_abundance(url, rank="genus", cell_deg=10, out=str(out / "abundance.zarr"))
+        abundance_png = plot_map(counts, out / "abundance.png")
     table = run_evaluate(url, card.id, split="test")
     typer.echo(f"\nmodel {card.id} on the held-out test split (macro-F1 per rank, Planktonzilla truncation):")
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     grid = out / "sample_grid.png"
     _contact_sheet(url, grid)
     typer.echo(f"\nresults: catalog {url} (open with pzscale.open_catalog), model {model_dir}, sample images {grid}, "
+               f"abundance {out / 'abundance.zarr'} and map {abundance_png}, "
                f"planted duplicates and corrupt rows {parquet / 'truth.json'} "
                f"({len(truth['duplicates'])} duplicates, {len(truth['corrupt'])} corrupt)")
 

@@ -1,10 +1,21 @@
-"""Dask clients: a local cluster of worker processes by default, or an existing scheduler."""
+"""Dask clients for pzscale: a local cluster of worker processes (CPU or one worker per GPU),
+a Dask cluster on Kubernetes (dask-kubernetes operator), a dask-gateway cluster, or any
+running scheduler by address.
+
+Stages never import this module: they take the ``Client`` it returns.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 from distributed import Client
+
+from pzscale.errors import PzscaleError
+
+KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 
 
 def connect(
@@ -14,21 +25,35 @@ def connect(
     threads_per_worker: int = 1,
     memory_limit: str | int = "auto",
     cuda: bool = False,
+    manifest: str | os.PathLike | dict | None = None,
+    name: str | None = None,
+    namespace: str | None = None,
+    gateway_address: str | None = None,
+    options: dict | None = None,
+    adapt: tuple[int, int] | None = None,
     quiet: bool = False,
 ) -> Client:
-    """A Dask client for pzscale stages.
+    """A Dask client for pzscale stages; prints the worker count and the dashboard link.
 
-    With ``address`` (``tcp://host:8786``) connect to a running scheduler. Without, start a
-    LocalCluster of worker *processes*, one per core and one thread each: decoding and
-    encoding images holds the GIL, so threads would not scale. With ``cuda``, a dask-cuda
-    LocalCUDACluster: one worker per GPU, each advertising the resource ``GPU=1`` that the
-    model stages ask for (dask-cuda adds no such resource by itself).
+    ``address`` is a scheduler address (``tcp://host:8786``, ``tls://...``) or a kind:
+
+    - ``None`` or ``"local"``: a LocalCluster of worker *processes*, ``n_workers`` (default one
+      per core) of one thread each: decoding and encoding images holds the GIL, so threads
+      would not scale. The dashboard listens on 127.0.0.1 only.
+    - ``"local-cuda"`` (or ``cuda=True``): a dask-cuda LocalCUDACluster, one worker per GPU,
+      each advertising the resource ``GPU=1`` that the model stages ask for.
+    - ``"kubernetes"``: a DaskCluster of the dask-kubernetes operator, created from
+      ``manifest`` (a DaskCluster YAML path or dict, e.g. ``deployments/kubernetes/daskcluster.yaml``;
+      deleted when this Python process exits) or connected by ``name`` (left running).
+      ``n_workers`` scales the default worker group, ``adapt=(minimum, maximum)`` adds a
+      DaskAutoscaler. The dashboard stays inside the cluster; from outside, dask-kubernetes
+      port-forwards it to localhost.
+    - ``"gateway"``: a dask-gateway cluster at ``gateway_address`` (default: the ``gateway.address``
+      Dask config, set by daskhub), a new one with ``options`` or an existing one by ``name``;
+      ``n_workers`` scales it, ``adapt`` makes it adaptive.
     """
-    if address:
-        client = Client(address)
-    elif cuda:
-        client = Client(local_cuda_cluster(memory_limit=memory_limit))
-    else:
+    kind = "local-cuda" if cuda and address in (None, "local") else (address or "local")
+    if kind == "local":
         # The client owns the LocalCluster it starts here, so closing the client stops it.
         client = Client(
             n_workers=n_workers or os.cpu_count() or 1,
@@ -37,10 +62,27 @@ def connect(
             memory_limit=memory_limit,
             dashboard_address="127.0.0.1:0",  # local only; never exposed on other interfaces
         )
+    elif kind == "local-cuda":
+        client = Client(local_cuda_cluster(memory_limit=memory_limit))
+    elif kind == "kubernetes":
+        client = Client(kubernetes_cluster(manifest=manifest, name=name, namespace=namespace, n_workers=n_workers,
+                                           adapt=adapt, quiet=quiet))
+    elif kind == "gateway":
+        client = gateway_cluster(address=gateway_address, name=name, options=options, n_workers=n_workers,
+                                 adapt=adapt).get_client()
+    elif ":" in kind:
+        client = Client(kind)
+    else:
+        raise PzscaleError(f"unknown cluster {kind!r}: use one of {', '.join(KINDS)} or a scheduler address "
+                           "(tcp://host:8786)")
     if not quiet:
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         print(f"dask: {workers} worker(s), dashboard {client.dashboard_link}")
     return client
+
+
+def _missing_extra(what: str, extra: str, error: Exception) -> PzscaleError:
+    return PzscaleError(f"{what} needs {error.name or 'a missing package'} (pip install 'pzscale[{extra}]')")
 
 
 def local_cuda_cluster(**kwargs: object) -> object:
@@ -48,7 +90,82 @@ def local_cuda_cluster(**kwargs: object) -> object:
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as e:
-        from pzscale.errors import PzscaleError
-
         raise PzscaleError(f"a CUDA cluster needs dask-cuda and a GPU (pip install 'pzscale[gpu]'): {e}") from None
     return LocalCUDACluster(threads_per_worker=1, resources={"GPU": 1}, dashboard_address="127.0.0.1:0", **kwargs)
+
+
+def load_manifest(manifest: str | os.PathLike | dict) -> dict:
+    """A Kubernetes object from a YAML file (its first document) or a dict, checked to have a kind and name."""
+    if isinstance(manifest, dict):
+        obj = manifest
+    else:
+        import yaml
+
+        path = Path(manifest)
+        if not path.is_file():
+            raise PzscaleError(f"{path}: no such manifest file")
+        obj = next(iter(yaml.safe_load_all(path.read_text())), None)
+    if not isinstance(obj, dict) or not obj.get("kind") or not obj.get("metadata", {}).get("name"):
+        raise PzscaleError(f"{manifest if not isinstance(manifest, dict) else 'manifest'}: not a Kubernetes object "
+                           "with kind and metadata.name")
+    return obj
+
+
+def kubernetes_cluster(
+    *,
+    manifest: str | os.PathLike | dict | None = None,
+    name: str | None = None,
+    namespace: str | None = None,
+    n_workers: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    quiet: bool = False,
+) -> Any:
+    """A dask-kubernetes operator ``KubeCluster``: created from a DaskCluster manifest, or an existing one by name."""
+    if (manifest is None) == (name is None):
+        raise PzscaleError("kubernetes: pass either manifest= (a DaskCluster YAML such as "
+                           "deployments/kubernetes/daskcluster.yaml) or name= (a running DaskCluster)")
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as e:
+        raise _missing_extra("a Kubernetes cluster", "k8s", e) from None
+    spec = load_manifest(manifest) if manifest is not None else None
+    if spec is not None and spec["kind"] != "DaskCluster":
+        raise PzscaleError(f"{manifest}: a {spec['kind']}, not a DaskCluster; apply worker groups and autoscalers "
+                           "with kubectl, or pass adapt=")
+    try:
+        if spec is not None:
+            cluster = KubeCluster(custom_cluster_spec=spec, namespace=namespace, shutdown_on_close=True, quiet=quiet)
+        else:
+            cluster = KubeCluster.from_name(name, namespace=namespace, quiet=quiet)
+    except (ValueError, OSError, TimeoutError) as e:
+        where = spec["metadata"]["name"] if spec else name
+        raise PzscaleError(f"kubernetes: cannot start or reach DaskCluster {where!r} ({type(e).__name__}: {e}); "
+                           "check kubectl access (kubeconfig or service account) and the operator") from None
+    if adapt:
+        cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+    elif n_workers:
+        cluster.scale(n_workers)
+    return cluster
+
+
+def gateway_cluster(
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    options: dict | None = None,
+    n_workers: int | None = None,
+    adapt: tuple[int, int] | None = None,
+) -> Any:
+    """A dask-gateway cluster: an existing one by ``name``, else a new one with ``options``
+    (see ``deployments/gateway/``: image, worker cores and memory, GPU)."""
+    try:
+        from dask_gateway import Gateway
+    except ImportError as e:
+        raise _missing_extra("a dask-gateway cluster", "k8s", e) from None
+    gateway = Gateway(address) if address else Gateway()
+    cluster = gateway.connect(name) if name else gateway.new_cluster(**(options or {}))
+    if adapt:
+        cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+    elif n_workers:
+        cluster.scale(n_workers)
+    return cluster

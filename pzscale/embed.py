@@ -19,7 +19,8 @@ def names(card: ModelCard) -> dict[str, str]:
 
 def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: dict) -> dict[str, np.ndarray]:
     n, rows = names(model.card), task["stop"] - task["row_from"]
-    emb, _, scales = forward(model, pixels, batch_size=task["batch_size"], with_logits=False, tta=task["tta"])
+    emb, _, scales = forward(model, pixels, batch_size=task["batch_size"], with_logits=False, tta=task["tta"],
+                             precision=task.get("precision", "fp32"))
     embedding = np.full((rows, model.card.embed_dim), np.nan, np.float16)
     embedding[ok] = emb.astype(np.float16)
     scale = np.full(rows, np.nan, np.float32)
@@ -39,6 +40,7 @@ def embed(
     client: Client | None = None,
     batch_size: int = 64,
     tta: bool = False,
+    precision: str = "fp32",
     device: str | None = None,
     storage_options: dict | None = None,
     progress: bool = True,
@@ -46,7 +48,8 @@ def embed(
     """Embed every image of the catalog that this model has not embedded yet (resumable).
 
     Writes ``emb__<model id>`` (float16, NaN where the image did not decode) and
-    ``scale__<model id>`` (letterbox scale: output px per source px).
+    ``scale__<model id>`` (letterbox scale: output px per source px). ``precision`` (fp32,
+    bf16, fp16) runs the model under autocast; the stored embeddings are float16 either way.
     """
     card = ModelCard.load(model_dir)
     n = names(card)
@@ -59,6 +62,7 @@ def embed(
                                 "image_size": card.image_size})
     catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture,
-                                     "batch_size": batch_size, "tta": tta})
-    return run_model_stage(url, model_dir, embed_shard, stage=n["stage"], params={"batch_size": batch_size, "tta": tta},
+                                     "batch_size": batch_size, "tta": tta, "precision": precision})
+    params = {"batch_size": batch_size, "tta": tta, "precision": precision}
+    return run_model_stage(url, model_dir, embed_shard, stage=n["stage"], params=params,
                            client=client, device=device, storage_options=storage_options, progress=progress)

@@ -7,14 +7,11 @@ ranks where annotated"). Labels without a lineage (detritus, bubble) are one-wor
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from pzscale import catalog
 from pzscale.errors import CatalogError
-from pzscale.schema import RANKS
-from pzscale.split import SPLIT, targets
+from pzscale.labels import SPLIT, scores, targets, truncate  # noqa: F401 - re-exported
 
 
 def _shard(url: str, start: int, stop: int, label: str, split: str, so: dict | None) -> tuple[list, list]:
@@ -23,21 +20,6 @@ def _shard(url: str, start: int, stop: int, label: str, split: str, so: dict | N
     truth = targets(cols)
     keep = (cols[SPLIT] == split) & (truth != "") & (cols[label] != "")
     return truth[keep].tolist(), cols[label][keep].tolist()
-
-
-def truncate(lineages: list[str], depth: int) -> list[str]:
-    return [" ".join(text.split()[:depth]) for text in lineages]
-
-
-def scores(truth: list[str], predicted: list[str]) -> pd.DataFrame:
-    """Accuracy and macro-F1 per rank for paired lineage strings."""
-    rows = []
-    for depth, rank in enumerate(RANKS, start=1):
-        t, p = truncate(truth, depth), truncate(predicted, depth)
-        rows.append({"rank": rank, "images": len(t), "classes": len(set(t)),
-                     "accuracy": float(np.mean(np.array(t) == np.array(p))) if t else float("nan"),
-                     "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)) if t else float("nan")})
-    return pd.DataFrame(rows)
 
 
 def evaluate(url: str, model_id: str, *, split: str = "test", storage_options: dict | None = None) -> pd.DataFrame:

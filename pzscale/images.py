@@ -1,39 +1,65 @@
-"""Pixel decoding and the model-ready letterbox view. Plain functions on bytes and arrays."""
+"""Pixel decoding and the model-ready letterbox view. Plain functions on bytes and arrays.
+
+Every decode first checks the size the image declares against ``limits.current()``, so a
+decompression bomb (a few bytes declaring 100000 x 100000 pixels) fails before any pixel
+memory is taken, with a message naming the limit.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pzscale import limits
 
-def decode(data: bytes) -> np.ndarray:
+
+def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Open (header only) and refuse an image declaring more pixels than the limit."""
+    limit = max_pixels or limits.current().max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # pzscale applies its own limit below; PIL's warning band (MAX_IMAGE_PIXELS..2x) would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO object's address, which differs every run.
+        raise ValueError(f"not a recognised image format (starts with {data[:8]!r})") from None
+    except Image.DecompressionBombError as e:  # beyond twice PIL's MAX_IMAGE_PIXELS, whatever pzscale's limit
+        raise ValueError(f"decompression bomb refused by PIL: {e}") from None
+    width, height = img.size
+    if width * height > limit:
+        img.close()
+        raise ValueError(f"image declares {width} x {height} = {width * height:,} pixels, over the limit of "
+                         f"{limit:,} ({limits.ENV['max_image_pixels']}): a decompression bomb?")
+    return img
+
+
+def decode(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode encoded image bytes to the pixels PIL gives for them, in the file's own mode.
 
     Greyscale images come back as (H, W), colour as (H, W, C). Palette images are
     expanded to RGB(A) so that a pixel value means an intensity, not a palette index.
+    Raises ValueError for an image over ``max_pixels`` (default: the current limits).
     """
-    with Image.open(io.BytesIO(data)) as img:
+    with _open_checked(data, max_pixels) as img:
         img.load()
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         return np.asarray(img)
 
 
-def probe(data: bytes | None) -> tuple[int, int, str]:
+def probe(data: bytes | None, *, max_pixels: int | None = None) -> tuple[int, int, str]:
     """Fully decode ``data`` and return (height, width, mode); raise if it does not decode.
 
-    A full decode, not a header read, so that truncated files are caught at ingest.
+    A full decode, not a header read, so that truncated files are caught at ingest; an image
+    declaring more than ``max_pixels`` (default: the current limits) is refused before decoding.
     """
     if not data:
         raise ValueError("no image bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        # PIL's own message names the BytesIO object's address, which differs every run.
-        raise ValueError(f"not a recognised image format (starts with {data[:8]!r})") from None
-    with img:
+    with _open_checked(data, max_pixels) as img:
         img.load()
         return img.height, img.width, img.mode
 

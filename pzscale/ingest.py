@@ -10,16 +10,20 @@ resumes where a previous run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.metadata import version
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -28,6 +32,7 @@ from distributed import Client, get_client
 
 from pzscale import catalog, images, readers, taxonomy
 from pzscale.errors import CatalogError, InputError, StageError, one_line
+from pzscale.limits import Limits, using
 from pzscale.progress import run_shards
 from pzscale.readers.base import Item
 from pzscale.schema import (
@@ -132,7 +137,13 @@ def _text(table: pa.Table, column: str) -> np.ndarray:
         return np.full(table.num_rows, "", dtype=object)
     col = table.column(column)
     if pa.types.is_floating(col.type):
-        col = pc.cast(pc.round(col), pa.int64())
+        # Text written as floats: whole numbers (ids, KI-12) as integers, NaN as missing, the rest (inf,
+        # 1e300) as written; float64 first, as pyarrow has no round kernel for float16.
+        x = pc.cast(col, pa.float64())
+        whole = pc.and_(pc.is_finite(x), pc.less(pc.abs(x), 2.0**53))
+        as_int = pc.cast(pc.cast(pc.round(pc.if_else(whole, x, 0.0)), pa.int64()), pa.string())
+        missing = pa.scalar(None, pa.string())
+        col = pc.if_else(whole, as_int, pc.if_else(pc.is_nan(x), missing, pc.cast(x, pa.string())))
     values = pc.fill_null(pc.cast(col, pa.string()), "")
     if column in ID_COLUMNS:  # KI-12: numeric ids written as floats ("12345.0"); keep them integral
         values = pc.replace_substring_regex(values, r"^(\d+)\.0$", r"\1")
@@ -152,7 +163,8 @@ def _number(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
 def _time(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     if "timestamp" not in table.column_names:
         return np.full(table.num_rows, TIME_FILL, dtype=np.int64), np.zeros(table.num_rows, bool)
-    col = table.column("timestamp").to_pandas()
+    # as text whatever the column's type: pandas parses text to UTC, but leaves e.g. booleans tz-naive
+    col = pc.cast(table.column("timestamp"), pa.string()).to_pandas()
     times = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
     ms = times.dt.tz_convert(None).to_numpy().astype("datetime64[ms]").astype(np.int64)
     missing = times.isna().to_numpy()
@@ -219,16 +231,25 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
         if name in ("lat", "lon", "depth_min", "depth_max"):
             flags.append(unparsed)
             flag_names.append(f"{name}_unparsed")
+        else:  # stored as float32: a value beyond its range (1e300, inf) would become inf
+            beyond = np.abs(out[name]) > np.finfo(np.float32).max
+            out[name][beyond] = np.nan
+            flags.append(beyond)
+            flag_names.append(f"{name}_out_of_range")
     out["time"], unparsed_time = _time(table)
     flags.append(unparsed_time)
     flag_names.append("time_unparsed")
     normalise_metadata(out, flags, flag_names)
+    from_reader = _text(table, "reader_qc")  # values a reader could not parse into numbers (EcoTaxa's "abc")
+    out["qc"] = np.array([";".join(q for q in (r, own) if q) for r, own in zip(from_reader, out["qc"], strict=True)],
+                         dtype=object)
     for name in NUMBER_FROM_PARQUET:
         if name not in ("lat", "lon"):
             out[name] = out[name].astype("float32")
     out["plankton"] = _bool(table, "plankton")
-    aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce")
-    out["aphia_id"] = aphia.fillna(0).to_numpy().astype(np.int64)
+    aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce").to_numpy("float64", na_value=np.nan)
+    whole = np.isfinite(aphia) & (aphia > 0) & (aphia < 2**53) & (aphia == np.round(aphia))  # else no id (0)
+    out["aphia_id"] = np.where(whole, aphia, 0).astype(np.int64)
     out["lineage"] = np.array(
         [lineage(ranks) for ranks in zip(*(out[r] for r in RANKS), strict=True)], dtype=object
     )
@@ -248,11 +269,12 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
         dtype=object,
     )
     encoded = table.column("image").combine_chunks().field("bytes").to_pylist()
+    why_missing = _text(table, "image_error")  # a reader's reason for not reading an image (unsafe path...)
     height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
     mode, status, error = (np.full(n, "", dtype=object) for _ in range(3))
     for i, data in enumerate(encoded):
         if not data:
-            status[i], error[i], encoded[i] = STATUS_MISSING_IMAGE, "no image bytes", b""
+            status[i], error[i], encoded[i] = STATUS_MISSING_IMAGE, why_missing[i] or "no image bytes", b""
             continue
         try:
             height[i], width[i], mode[i] = images.probe(data)
@@ -277,6 +299,11 @@ def _stored_plan(url: str, plan_id: str, storage_options_key: str) -> Plan:
 
 def ingest_shard(task: dict) -> dict:
     """Write one catalog shard from its input rows, then its done marker."""
+    with using(task.get("limits")):
+        return _ingest_shard(task)
+
+
+def _ingest_shard(task: dict) -> dict:
     started = time.perf_counter()
     url, so = task["catalog"], task["storage_options"]
     so_key = json.dumps(so, sort_keys=True) if so else ""
@@ -376,6 +403,43 @@ def _prepare(probe: Plan, url: str, shard_len: int | None, append: bool, storage
     return plan
 
 
+LOCK_SUFFIX = ".pzscale-lock"  # beside the catalog: zarr refuses to create a group in a non-empty folder
+
+
+@contextlib.contextmanager
+def metadata_lock(url: str, *, storage_options: dict | None = None) -> Iterator[None]:
+    """Hold a create-only lock object while this client changes the catalog's metadata.
+
+    Without it two ingests into one catalog (two appends at once) would both read the same
+    plans, take the same rows and interleave their collections. The second one is refused
+    with a CatalogError naming the holder; a lock left by a killed client is reported the
+    same way, with the path to delete.
+    """
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    path = root.rstrip("/") + LOCK_SUFFIX
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    try:
+        # "xb" is an exclusive create: O_EXCL on local disks, If-None-Match: * on S3 (s3fs)
+        with fs.open(path, "xb") as f:
+            f.write(json.dumps(holder).encode())
+    except OSError as e:
+        if not (isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e)):
+            raise
+        try:
+            other = json.loads(fs.cat_file(path))
+            who = f"{other.get('host')} pid {other.get('pid')} since {other.get('since')}"
+        except (OSError, ValueError):
+            who = "unknown holder"
+        raise CatalogError(f"{url}: another ingest is changing this catalog ({who}); wait for it, or delete "
+                           f"{fs.unstrip_protocol(path)} if that process is gone") from None
+    try:
+        yield
+    finally:
+        fs.rm_file(path)
+
+
 def _plan_record(plan: Plan) -> dict:
     """What the group attributes keep of a plan; the full plan is in _pzscale/plans/<id>.json."""
     return {
@@ -399,6 +463,7 @@ def ingest(
     client: Client | None = None,
     storage_options: dict | None = None,
     progress: bool = True,
+    limits: Limits | None = None,
 ) -> IngestReport:
     """Ingest ``sources`` (files or folders of any supported format) into the catalog at ``url``.
 
@@ -408,6 +473,9 @@ def ingest(
     taxonomy, keyed by their source or by ``taxonomy_source``. Rerunning with the same
     inputs resumes; ``append=True`` adds them after the existing rows, leaving those
     unchanged. Raises StageError if any shard failed; finished shards stay done.
+    ``limits`` bound what hostile inputs may expand to (default: ``Limits.from_env()``);
+    an image over them is a ``decode_error`` row, an archive member over them an InputError.
+    Two ingests into one catalog at once: the one that comes second is refused (CatalogError).
     """
     catalog.check_url(url)
     try:
@@ -420,16 +488,21 @@ def ingest(
     meta_len = None
     if catalog.exists(url, storage_options=storage_options):
         meta_len = catalog.metadata(catalog.open_group(url, storage_options=storage_options, check=False))["shard_len"]
-    probe = make_plan(list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN, format=format,
-                      source=source, storage_options=storage_options)
-    plan = _prepare(probe, url, shard_len, append, storage_options)
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
-    catalog.record_stage(group, plan.stage, {"format": format, "source": source, "taxonomy_table": taxonomy_table,
-                                             "taxonomy_source": taxonomy_source, "taxonomy_sha256": table_sha})
+    limits = limits or Limits.from_env()
+    with using(limits):
+        probe = make_plan(list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN, format=format,
+                          source=source, storage_options=storage_options)
+    with metadata_lock(url, storage_options=storage_options):
+        plan = _prepare(probe, url, shard_len, append, storage_options)
+        group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
+        catalog.record_stage(group, plan.stage, {"format": format, "source": source,
+                                                 "taxonomy_table": taxonomy_table, "taxonomy_source": taxonomy_source,
+                                                 "taxonomy_sha256": table_sha, "limits": limits.to_dict()})
     done = catalog.done_shards(url, plan.stage, storage_options=storage_options)
     all_tasks = plan.shard_tasks()
     common = {"catalog": url, "storage_options": storage_options, "plan": plan.id, "stage": plan.stage,
-              "shard_len": plan.shard_len, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source}
+              "shard_len": plan.shard_len, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source,
+              "limits": limits.to_dict()}
     tasks = [{**t, **common} for t in all_tasks if t["shard"] not in done]
     run = run_shards(client, ingest_shard, tasks, desc="ingest", skipped=len(all_tasks) - len(tasks),
                      show=progress)

@@ -17,85 +17,118 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.ndimage
 from PIL import Image, ImageDraw, ImageFilter
 
 from pzscale.schema import PARQUET_COLUMNS
 
 Render = Callable[[np.random.Generator], Image.Image]
 
+# The renderers draw on a uniform "paper" of this grey; ``_place`` reads their pixels as transmission
+# (value / PAPER) over the ROI's own uneven background, so blur, highlights and ink all carry over.
+PAPER = 230
+TEXTURE, TEXTURE_CELLS, UNEVEN, UNEVEN_CELLS, MARGIN = 0.8, (10, 20), 24, (12, 24), (0.03, 0.25)
+INK = (30, 120)
+WARP, WARP_CELLS = 0.06, (2, 4)
 
-def _canvas(w: int, h: int, rng: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("L", (max(w, 3), max(h, 3)), int(rng.integers(200, 236)))
+
+def _canvas(w: float, h: float) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("L", (max(int(w), 3), max(int(h), 3)), PAPER)
     return img, ImageDraw.Draw(img)
 
 
 def _ink(rng: np.random.Generator) -> int:
-    return int(rng.integers(30, 120))
+    return int(rng.integers(*INK))
+
+
+def _turned(img: Image.Image, rng: np.random.Generator, most: float = 180) -> Image.Image:
+    return img.rotate(float(rng.uniform(0, most)), resample=Image.Resampling.BILINEAR, expand=True,
+                      fillcolor=PAPER)
 
 
 def _chain(rng):
     cells, r = int(rng.integers(3, 9)), float(rng.uniform(5, 14))
-    img, d = _canvas(int(cells * 2.2 * r + 10), int(2.6 * r + 10), rng)
+    bend = float(rng.uniform(-0.12, 0.12)) * r  # chains curl: cell centres on a parabola
+    sag = [bend * (i - (cells - 1) / 2) ** 2 for i in range(cells)]
+    top = 6 + r + max(0.0, -min(sag))
+    img, d = _canvas(cells * 2.2 * r + 12, 2.6 * r + 14 + max(sag) - min(sag))
     ink = _ink(rng)
     for i in range(cells):
-        cx = 5 + r * (1.1 + 2.2 * i)
-        d.ellipse([cx - r, 5, cx + r, 5 + 2 * r * rng.uniform(0.9, 1.2)], fill=ink)
-        d.line([cx, 5 + r, cx + 2.2 * r, 5 + r], fill=ink, width=2)
-        d.line([cx, 5, cx + rng.uniform(-r, r), 0], fill=ink, width=1)  # setae
-    return img.rotate(float(rng.uniform(0, 180)), expand=True, fillcolor=int(img.getpixel((0, 0))))
+        cx, cy = 6 + r * (1.1 + 2.2 * i), top + sag[i]
+        ry = r * rng.uniform(0.75, 1.1)
+        d.ellipse([cx - r * rng.uniform(0.9, 1.1), cy - ry, cx + r, cy + ry], fill=ink)
+        if i < cells - 1:
+            d.line([cx, cy, cx + 2.2 * r, top + sag[i + 1]], fill=ink, width=2)
+        for _ in range(int(rng.integers(0, 3))):  # setae: a random number, length and angle per cell
+            a, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.4) * r
+            d.line([cx, cy, cx + length * math.cos(a), cy + length * math.sin(a)], fill=ink, width=1)
+    return _turned(img, rng)
 
 
 def _disc(rng):
     r = float(rng.uniform(12, 70))
-    size = int(2 * r + 8)
-    img, d = _canvas(size, size, rng)
-    ink = _ink(rng)
-    c = size / 2
-    d.ellipse([c - r, c - r, c + r, c + r], fill=ink)
-    d.ellipse([c - 0.8 * r, c - 0.8 * r, c + 0.8 * r, c + 0.8 * r], outline=min(255, ink + 60), width=2)
-    for a in np.linspace(0, 2 * math.pi, int(rng.integers(12, 30)), endpoint=False):
-        d.line([c, c, c + 0.75 * r * math.cos(a), c + 0.75 * r * math.sin(a)], fill=min(255, ink + 40))
-    return img
+    ry = r * float(rng.uniform(0.8, 1.0))  # a valve seen a little tilted
+    img, d = _canvas(2 * r + 8, 2 * ry + 8)
+    ink, cx, cy = _ink(rng), r + 4, ry + 4
+    d.ellipse([cx - r, cy - ry, cx + r, cy + ry], fill=ink)
+    ring = float(rng.uniform(0.6, 0.85))
+    d.ellipse([cx - ring * r, cy - ring * ry, cx + ring * r, cy + ring * ry], outline=min(255, ink + 60), width=2)
+    for a in rng.uniform(0, 2 * math.pi, int(rng.integers(12, 30))):  # striae at random angles
+        d.line([cx, cy, cx + 0.75 * r * math.cos(a), cy + 0.75 * ry * math.sin(a)], fill=min(255, ink + 40))
+    return _turned(img, rng)
 
 
 def _spiny(rng):
     r, spine = float(rng.uniform(6, 20)), float(rng.uniform(15, 60))
-    size = int(2 * (r + spine) + 6)
-    img, d = _canvas(size, size, rng)
+    size = 2 * (r + 1.15 * spine) + 6
+    img, d = _canvas(size, size)
     ink, c = _ink(rng), size / 2
     for a in np.linspace(0, 2 * math.pi, int(rng.integers(10, 24)), endpoint=False):
-        a += rng.uniform(-0.1, 0.1)
-        d.line([c, c, c + (r + spine) * math.cos(a), c + (r + spine) * math.sin(a)], fill=ink, width=2)
-    d.ellipse([c - r, c - r, c + r, c + r], fill=ink)
-    return img
+        a += rng.uniform(-0.15, 0.15)
+        reach = r + spine * rng.uniform(0.6, 1.15)  # spines of uneven length
+        d.line([c, c, c + reach * math.cos(a), c + reach * math.sin(a)], fill=ink, width=int(rng.integers(2, 4)))
+    ry = r * rng.uniform(0.8, 1.0)
+    d.ellipse([c - r, c - ry, c + r, c + ry], fill=ink)
+    return _turned(img, rng, 360)
 
 
 def _arrow_worm(rng):
     length, width = float(rng.uniform(60, 300)), float(rng.uniform(5, 14))
-    img, d = _canvas(int(length + 10), int(width * 3 + 10), rng)
+    img, d = _canvas(length + 10, width * 3 + 10)
     ink, mid = _ink(rng), (width * 3 + 10) / 2
     d.ellipse([5, mid - width / 2, 5 + length, mid + width / 2], fill=ink)
-    d.polygon([(5 + length * 0.85, mid), (5 + length, mid - width * 1.4), (5 + length, mid + width * 1.4)],
-              fill=ink)  # tail fin
-    d.ellipse([2, mid - width * 0.8, 2 + width * 1.8, mid + width * 0.8], fill=ink)  # head
-    return img.rotate(float(rng.uniform(0, 180)), expand=True, fillcolor=int(img.getpixel((0, 0))))
+    fin = rng.uniform(0.8, 0.9)
+    d.polygon([(5 + length * fin, mid), (5 + length, mid - width * rng.uniform(1.0, 1.5)),
+               (5 + length, mid + width * rng.uniform(1.0, 1.5))], fill=ink)  # tail fin
+    if rng.random() < 0.7:  # lateral fins
+        x = 5 + length * rng.uniform(0.45, 0.7)
+        d.polygon([(x, mid), (x + length * 0.12, mid - width * 1.1), (x + length * 0.2, mid)], fill=ink)
+    head = width * rng.uniform(1.4, 2.2)
+    d.ellipse([2, mid - head * 0.45, 2 + head, mid + head * 0.45], fill=ink)  # head
+    return _turned(img, rng)
 
 
 def _copepod(rng):
     body = float(rng.uniform(25, 90))
-    img, d = _canvas(int(body * 2.2), int(body * 1.6), rng)
+    img, d = _canvas(body * 2.2, body * 1.6)
     ink = _ink(rng)
     x0, y0 = body * 0.6, body * 0.55
-    d.ellipse([x0, y0, x0 + body, y0 + body * 0.45], fill=ink)  # prosome
-    d.rectangle([x0 + body, y0 + body * 0.17, x0 + body * 1.5, y0 + body * 0.28], fill=ink)  # urosome
+    depth, tail = body * rng.uniform(0.35, 0.55), body * rng.uniform(0.35, 0.6)
+    d.ellipse([x0, y0, x0 + body, y0 + depth], fill=ink)  # prosome
+    d.rectangle([x0 + body, y0 + depth * 0.38, x0 + body + tail, y0 + depth * 0.62], fill=ink)  # urosome
+    reach = body * rng.uniform(0.35, 0.6)
     for s in (-1, 1):  # antennules
-        d.line([x0 + 4, y0 + body * 0.2, x0 - body * 0.55, y0 + body * 0.2 + s * body * 0.5], fill=ink, width=2)
-    return img.rotate(float(rng.uniform(0, 360)), expand=True, fillcolor=int(img.getpixel((0, 0))))
+        d.line([x0 + 4, y0 + depth * 0.45, x0 - reach, y0 + depth * 0.45 + s * reach * rng.uniform(0.7, 1.1)],
+               fill=ink, width=2)
+    for k in range(int(rng.integers(0, 5))):  # swimming legs
+        x = x0 + body * (0.3 + 0.12 * k)
+        d.line([x, y0 + depth * 0.8, x - body * 0.1, y0 + depth + body * rng.uniform(0.1, 0.3)], fill=ink, width=1)
+    return _turned(img, rng, 360)
 
 
 def _detritus(rng):
-    size = int(rng.uniform(20, 160))
-    img, d = _canvas(size, int(size * rng.uniform(0.6, 1.2)), rng)
+    size = float(rng.uniform(20, 160))
+    img, d = _canvas(size, size * rng.uniform(0.6, 1.2))
     ink = _ink(rng)
     for _ in range(int(rng.integers(4, 12))):
         x, y = rng.uniform(0.2, 0.8) * img.width, rng.uniform(0.2, 0.8) * img.height
@@ -106,12 +139,57 @@ def _detritus(rng):
 
 def _bubble(rng):
     r = float(rng.uniform(8, 50))
-    size = int(2 * r + 8)
-    img, d = _canvas(size, size, rng)
-    c = size / 2
-    d.ellipse([c - r, c - r, c + r, c + r], outline=_ink(rng), width=max(2, int(r / 6)))
-    d.ellipse([c - r * 0.5, c - r * 0.6, c - r * 0.1, c - r * 0.2], fill=250)  # highlight
-    return img
+    ry = r * float(rng.uniform(0.85, 1.0))
+    img, d = _canvas(2 * r + 8, 2 * ry + 8)
+    cx, cy = r + 4, ry + 4
+    d.ellipse([cx - r, cy - ry, cx + r, cy + ry], outline=_ink(rng), width=max(2, int(r / rng.uniform(4, 8))))
+    a, off, spot = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.5) * r, rng.uniform(0.15, 0.3) * r
+    hx, hy = cx + off * math.cos(a), cy + off * math.sin(a)
+    d.ellipse([hx - spot, hy - spot, hx + spot, hy + spot], fill=250)  # highlight, brighter than the paper
+    return _turned(img, rng)
+
+
+def _low_frequency(h: int, w: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random field (h, w) of unit variance: white noise blurred to blobs about 1/scale of the size."""
+    field = scipy.ndimage.gaussian_filter(rng.normal(size=(h, w)), max(h, w) / scale, mode="reflect")
+    return (field / (field.std() + 1e-9)).astype(np.float32)
+
+
+def _place(drawn: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Put a drawn object in an ROI as a camera would: its own texture, uneven margins, uneven background.
+
+    Every image then differs from every other at the 32 x 32 low-frequency level a perceptual hash sees,
+    as real ROIs do, however alike two drawn forms are.
+    """
+    transmission = np.asarray(drawn, np.float32) / PAPER
+    if WARP:  # no two bodies alike: bend and bulge the drawn form by a smooth random displacement field
+        reach = int(WARP * max(transmission.shape)) + 1
+        transmission = np.pad(transmission, reach, constant_values=1)
+        h, w = transmission.shape
+        scale = rng.uniform(*WARP_CELLS)
+        dy, dx = (WARP * max(h, w) * _low_frequency(h, w, scale, rng) for _ in range(2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        transmission = scipy.ndimage.map_coordinates(transmission, [yy + dy, xx + dx], order=1, mode="constant",
+                                                     cval=1.0)
+    rows, cols = np.nonzero(np.abs(transmission - 1) > 0.02)  # segmentation: the object's bounding box
+    if len(rows):
+        transmission = transmission[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    h, w = transmission.shape
+    # blotches: how dark the body is varies smoothly inside it, differently in every image
+    texture = 1 + TEXTURE * _low_frequency(h, w, rng.uniform(*TEXTURE_CELLS), rng)
+    transmission = 1 - (1 - transmission) * np.clip(texture, 0.3, 1.8)
+    # crops are padded unevenly around the object
+    left, right = (int(rng.uniform(*MARGIN) * w) + 2 for _ in range(2))
+    top, bottom = (int(rng.uniform(*MARGIN) * h) + 2 for _ in range(2))
+    roi = np.ones((h + top + bottom, w + left + right), np.float32)
+    roi[top : top + h, left : left + w] = transmission
+    rows, cols = roi.shape
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    angle, slope = rng.uniform(0, 2 * math.pi), rng.uniform(0, 30)
+    background = (rng.uniform(195, 236) + slope * ((xx / cols - 0.5) * math.cos(angle) + (yy / rows - 0.5)
+                                                    * math.sin(angle))
+                  + UNEVEN * _low_frequency(rows, cols, rng.uniform(*UNEVEN_CELLS), rng))
+    return Image.fromarray(np.clip(background * roi, 0, 255).astype(np.uint8))
 
 
 # (renderer, Planktonzilla taxonomy row: ranks, proposed_label, plankton, root_class, ids)
@@ -176,27 +254,52 @@ def _finish(img: Image.Image, rng: np.random.Generator, colour: bool) -> Image.I
 
 
 def _near_copy(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
-    kind = ["shift", "rescale", "jpeg"][int(rng.integers(0, 3))]
-    if kind == "shift":
-        dx, dy = (int(v) for v in rng.integers(1, 4, 2))
-        fill = int(np.asarray(img.convert("L"))[0, 0])
-        moved = Image.new(img.mode, img.size, fill if img.mode == "L" else (fill,) * 3)
-        moved.paste(img.crop((dx, dy, img.width, img.height)), (0, 0))
-        return moved, f"shift by ({dx}, {dy}) px"
+    """A copy a near-duplicate search should catch: rescaled, re-toned, or (large images only) shifted a little.
+
+    A shift of a few pixels is a small change only on an image of a hundred pixels or more: it is at most 2% of
+    each side, so that a 30-pixel ROI is never moved by a tenth of itself.
+    """
+    kinds = ["rescale", "tone", "jpeg"] + (["shift"] if min(img.size) >= 100 else [])
+    kind = kinds[int(rng.integers(0, len(kinds)))]
+    if kind == "shift":  # the camera's crop box a little further right and down: crop at the top-left
+        dx, dy = (int(rng.integers(1, int(0.02 * side) + 1)) for side in img.size)
+        return img.crop((dx, dy, img.width, img.height)), f"shift by ({dx}, {dy}) px (cropped at the top left)"
     if kind == "rescale":
-        f = float(rng.choice([0.9, 0.95, 1.05, 1.1]))
+        f = round(float(rng.choice([-1, 1]) * rng.uniform(0.03, 0.1) + 1), 2)
         size = (max(3, round(img.width * f)), max(3, round(img.height * f)))
         return img.resize(size, Image.Resampling.BILINEAR), f"rescale x{f}"
+    if kind == "tone":
+        gain, offset = float(rng.uniform(0.85, 1.15)), float(rng.uniform(-12, 12))
+        arr = np.asarray(img, np.float32)
+        toned = np.clip((arr - arr.mean()) * gain + arr.mean() + offset, 0, 255).astype(np.uint8)
+        return Image.fromarray(toned), f"brightness {offset:+.0f}, contrast x{gain:.2f}"
     return img, "re-encoded as JPEG quality 70"
 
 
+def _draw(label: str, rng: np.random.Generator, colour: bool) -> Image.Image:
+    return _finish(_place(TAXA[label][0](rng), rng), rng, colour)
+
+
 def synth(out: str | Path, *, images: int = 2000, seed: int = 0, rows_per_file: int = 1000,
-          row_group_size: int = 256) -> dict:
-    """Write ``images`` rows as Planktonzilla parquet shards under ``out``; return the truth."""
+          row_group_size: int = 256, source_taxa: dict[str, list[str]] | None = None) -> dict:
+    """Write ``images`` rows as Planktonzilla parquet shards under ``out``; return the truth.
+
+    ``source_taxa`` (source -> TAXA names) limits each listed source to those taxa and uses only the
+    listed sources, so that some classes exist only in some sources (held-out sources with unseen
+    classes); duplicates are then planted only in sources that have their taxon. Default: every
+    source draws every taxon.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names, sources = list(TAXA), list(SOURCES)
+    weights = [0.2, 0.15, 0.1, 0.1, 0.15, 0.2, 0.1]
+    if source_taxa is not None:
+        taxa = {t for listed in source_taxa.values() for t in listed}
+        unknown = sorted({*source_taxa} - set(SOURCES)) + sorted(taxa - set(TAXA))
+        if unknown or not all(source_taxa.values()):
+            raise ValueError(f"source_taxa: unknown sources or taxa {unknown}, or a source without taxa")
+        sources = list(source_taxa)
     rows: list[dict] = []
     pixels: list[Image.Image] = []  # decoded originals, for planting copies
     truth: dict = {"seed": seed, "images": images, "duplicates": [], "corrupt": []}
@@ -205,16 +308,18 @@ def synth(out: str | Path, *, images: int = 2000, seed: int = 0, rows_per_file: 
     n_orig = images - n_corrupt - n_dups
     for i in range(n_orig):
         source = sources[int(rng.integers(0, len(sources)))]
-        label = names[int(rng.choice(len(names), p=[0.2, 0.15, 0.1, 0.1, 0.15, 0.2, 0.1]))]
+        p = weights if source_taxa is None else _renormalised(np.array(weights) * np.isin(names, source_taxa[source]))
+        label = names[int(rng.choice(len(names), p=p))]
         fmt, colour_frac, *_ = SOURCES[source]
-        img = _finish(TAXA[label][0](rng), rng, colour=rng.random() < colour_frac)
+        img = _draw(label, rng, colour=rng.random() < colour_frac)
         data = encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         pixels.append(Image.open(io.BytesIO(data)).convert(img.mode))
         rows.append(_row(i, source, label, data, rng))
     for j in range(n_dups):
         k = int(rng.integers(0, n_orig))
         orig = rows[k]
-        source = sources[int(rng.integers(0, len(sources)))]  # often another source
+        candidates = [s for s in sources if source_taxa is None or orig["original_label"] in source_taxa[s]]
+        source = candidates[int(rng.integers(0, len(candidates)))]  # often another source
         if j % 2 == 0:  # exact: same pixels, maybe other bytes
             if j % 4 == 0:
                 data, how = orig["_bytes"], "identical bytes"
@@ -242,6 +347,10 @@ def synth(out: str | Path, *, images: int = 2000, seed: int = 0, rows_per_file: 
     _write_parquet(rows, out, rows_per_file, row_group_size)
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
+
+
+def _renormalised(weights: np.ndarray) -> np.ndarray:
+    return weights / weights.sum()
 
 
 def _row(n: int, source: str, label: str, data: bytes, rng: np.random.Generator) -> dict:
@@ -327,7 +436,7 @@ def synth_ifcb(out: str | Path, *, images: int = 1000, seed: int = 0, rois_per_b
             if k % 3 == 2:  # a trigger without an image carries the next StartByte
                 trigger += 1
                 lines.append(_adc_line(trigger, 0, 0, offset, run_time, inhibit, rng))
-            pixels = np.asarray(_finish(TAXA[names[int(rng.integers(0, len(names)))]][0](rng), rng, False))
+            pixels = np.asarray(_draw(names[int(rng.integers(0, len(names)))], rng, False))
             h, w = pixels.shape
             trigger += 1
             lines.append(_adc_line(trigger, w, h, offset, run_time, inhibit, rng))

@@ -1,5 +1,6 @@
-"""Training a classifier on a catalog's train split: the built-in backbone end to end with
-kornia augmentation (CPU-friendly), or a head on another model's stored embeddings.
+"""Training on a catalog's train split: a classifier (the built-in backbone end to end with kornia
+augmentation, CPU-friendly, or a head on another model's stored embeddings). CLIP-style image-text
+training with lineage text is ``pzscale.clip_train`` (``pzscale train --objective clip``).
 
 Training data stream shard by shard (one shard's images in memory at a time), in an order
 that depends only on the seed, so a run is reproducible and memory stays flat.
@@ -7,72 +8,26 @@ that depends only on the seed, so a run is reproducible and memory stays flat.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from pzscale import catalog, images
+from pzscale import catalog
 from pzscale.augment import augment, make_augmentation, seed_for
-from pzscale.errors import CatalogError
+from pzscale.errors import CatalogError, ModelError
 from pzscale.models import ModelCard, builtin_backbone, load_model, make_head, save_model
 from pzscale.preprocess import prepare_batch
-from pzscale.split import SPLIT, targets
-
-GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def split_rows(url: str, split: str, *, storage_options: dict | None = None) -> list[tuple[int, np.ndarray, np.ndarray,
-                                                                                        np.ndarray]]:
-    """Per shard: (start, catalog rows in ``split``, their targets, their image ids)."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    if SPLIT not in dict(group.arrays()):
-        raise CatalogError(f"{url}: no split recorded; run pzscale split first")
-    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
-    out = []
-    for _, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
-        cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status", "image_id"])
-        target = targets(cols)
-        rows = np.flatnonzero((cols[SPLIT] == split) & (target != ""))
-        out.append((start, rows + start, target[rows], cols["image_id"][rows]))
-    return out
-
-
-def batches(group: Any, shards: list, classes: dict[str, int], batch_size: int, rng: np.random.Generator
-            ) -> Iterator[tuple[list[str], torch.Tensor, list[np.ndarray]]]:
-    """(image ids, class indices, pixels) batches, shards and rows in a seeded random order."""
-    ids, ys, pix = [], [], []
-    for s in rng.permutation(len(shards)):
-        _, rows, target, image_ids = shards[s]
-        if not len(rows):
-            continue
-        perm = rng.permutation(len(rows))
-        encoded = group["image_bytes"].get_orthogonal_selection((rows[perm],))
-        for j, data in zip(perm, encoded, strict=True):
-            ids.append(str(image_ids[j]))
-            ys.append(classes[target[j]])
-            pix.append(images.decode(bytes(data)))
-            if len(ids) == batch_size:
-                yield ids, torch.tensor(ys), pix
-                ids, ys, pix = [], [], []
-    if ids:
-        yield ids, torch.tensor(ys), pix
-
-
-def training_hash(shards: list) -> str:
-    """sha256 of the sorted (image id, label) pairs trained on: what the model card records."""
-    pairs = sorted(f"{i}\t{t}" for _, _, target, ids in shards for i, t in zip(ids, target, strict=True))
-    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+from pzscale.trainset import GREY_MEAN, GREY_STD, batches, split_rows, training_hash  # noqa: F401
 
 
 def train(
     url: str,
     out_dir: str,
     *,
-    name: str = "pzscale-cnn",
+    objective: str = "supervised",
+    name: str | None = None,
     version: str = "1",
     backbone_dir: str | None = None,
     fine_tune: bool = False,
@@ -81,10 +36,10 @@ def train(
     batch_size: int = 64,
     image_size: int = 64,
     embed_dim: int = 128,
-    lr: float = 3e-3,
+    lr: float | None = None,
     seed: int = 0,
     augmentation: bool = True,
-    device: str = "cpu",
+    device: str | None = None,
     storage_options: dict | None = None,
     log: Any = print,
 ) -> ModelCard:
@@ -94,7 +49,12 @@ def train(
     With ``backbone_dir``: a ``head`` on that model's stored embeddings (``pzscale embed``
     first), a linear probe or an MLP; with ``fine_tune`` as well, that backbone and a new head
     end to end on the images, with augmentation, at the backbone's input size and normalisation.
+    ``lr`` defaults to 3e-3 and ``device`` to the CPU.
     """
+    if objective != "supervised":
+        raise ModelError(f"unknown training objective {objective!r} for train(); it fits 'supervised', and "
+                         "'clip' is pzscale.clip_train.train_clip (pzscale train --objective clip)")
+    name, lr, device = name or "pzscale-cnn", 3e-3 if lr is None else lr, device or "cpu"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_rows = split_rows(url, "train", storage_options=storage_options)

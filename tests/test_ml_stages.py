@@ -231,3 +231,32 @@ def test_a_model_retrained_into_the_same_directory_is_not_served_stale(trained, 
     card.save(copy)
     second = model_on_worker(str(copy))
     assert second is not first and second.card.version == "2"
+
+
+def test_bf16_autocast_embeddings_match_fp32_and_are_recorded(trained, client, tmp_path):
+    """bf16 (the GPU benchmark's precision) changes the numbers a little, never the meaning."""
+    url, model_dir, card, _ = trained
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        copy = str(tmp_path / f"{precision}.zarr")
+        shutil.copytree(url, copy)
+        embed(copy, model_dir, client=client, precision=precision, progress=False)
+        runs[precision] = open_catalog(copy)[f"emb__{card.id}"].values.astype(np.float32)
+        stages = catalog.metadata(catalog.open_group(copy))["stages"]
+        assert stages[f"embed/{card.id}"]["precision"] == precision
+    ok = np.isfinite(runs["fp32"]).all(axis=1)
+    a, b = runs["fp32"][ok], runs["bf16"][ok]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99
+    assert not np.array_equal(a, b)  # autocast really ran in bf16
+
+
+def test_unknown_precision_fails_before_any_write(trained, client, tmp_path):
+    from pzscale.errors import StageError
+
+    url, model_dir, card, _ = trained
+    copy = str(tmp_path / "bad.zarr")
+    shutil.copytree(url, copy)
+    with pytest.raises(StageError, match="precision must be one of"):
+        embed(copy, model_dir, client=client, precision="int3", progress=False)
+    assert not catalog.done_shards(copy, f"embed/{card.id}")

@@ -8,7 +8,10 @@ in ``pzscale.ingest``, so resume and append work alike for all formats.
 
 Readers never write. They report per-item problems found while planning as
 ``Item.error`` (the item then yields no rows and the ingest report lists it), and
-per-row problems as a row whose ``image`` bytes are empty or undecodable.
+per-row problems as a row whose ``image`` bytes are empty (with the reason in
+``image_error`` when the reader refused them) or undecodable. Transient storage errors
+(``pzscale.faults.is_transient``) are raised as they are, never turned into a row's or an
+item's problem, so that the shard task is retried instead of recording a missing image.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ EXTRA_COLUMNS = {
     "annotation_status": pa.string(),  # validated / predicted / dubious / unclassified ('' unknown)
     "lineage": pa.string(),  # only when the source gives a lineage text but no ranks (WebDataset)
     "instrument": pa.string(),  # instrument family when the reader knows it (IFCB, UVP6, ...)
+    "image_error": pa.string(),  # why a row has no image bytes when a reader refused to read them (unsafe path)
+    "reader_qc": pa.string(),  # ';'-joined QC flags of values the reader could not parse (lat_unparsed...)
 }
 NUMBER_COLUMNS = {"Latitude", "Longitude", "Depth_min", "Depth_max", "Humidity", "Temperature"}
 

@@ -7,12 +7,17 @@ Columns are found by name, never by position (edited exports add columns anywher
 
 A folder is searched recursively for TSVs and for zips holding TSVs (EcoTaxa imports zips found in a
 folder too); a zip is read in place, never extracted. An unzipped copy beside its zip is planned twice.
+
+``img_file_name`` is untrusted: a name that is absolute, climbs out with ``..`` or (on a local disk)
+is a link leading out of the table's folder is never read; its row gets no image and says why. Zip
+members beyond ``pzscale.limits`` (decompression bombs) are refused the same way.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import posixpath
 import re
 import warnings
@@ -23,9 +28,13 @@ from typing import IO, Any
 import fsspec
 import pandas as pd
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
+from pzscale import limits
 from pzscale.errors import InputError, one_line
+from pzscale.faults import is_transient
 from pzscale.readers.base import Item, Reader, records
+from pzscale.readers.folder import check_member_name
 from pzscale.schema import instrument_family
 
 ENCODINGS = ("utf-8", "iso-8859-1")  # EcoTaxa exports are UTF-8; older ZooProcess/UVP tables are Latin-1
@@ -94,6 +103,8 @@ class EcoTaxaReader(Reader):
             read_rows = read_zip_rows if item.info["member"] else read_folder_rows
             rows = read_rows(item.info, first, stop, storage_options or {})
         except (OSError, ValueError, zipfile.BadZipFile, pd.errors.ParserError) as e:
+            if is_transient(e) or isinstance(e, InputError):
+                raise
             raise InputError(f"{item.source}: cannot read rows {first}-{stop} ({one_line(e)})") from None
         if len(rows) != stop - first:
             raise InputError(f"{item.source}: expected {stop - first} rows from row {first}, found {len(rows)}")
@@ -161,6 +172,8 @@ def plan_tsv(fs: Any, path: str, url: str, *, source: str | None) -> Item | None
     try:
         data = fs.cat_file(path)
     except OSError as e:
+        if is_transient(e):
+            raise
         return Item(source=url, rows=0, size=0, info=item_info(url, ""), error=f"{url}: unreadable ({one_line(e)})")
     if not is_ecotaxa_header(header_of(data)):
         return None
@@ -169,12 +182,18 @@ def plan_tsv(fs: Any, path: str, url: str, *, source: str | None) -> Item | None
 
 def plan_zip(fs: Any, path: str, url: str, *, source: str | None) -> list[Item]:
     """One item per EcoTaxa TSV inside the zip at ``path``; a zip without any gives none."""
+    bounds = limits.current()
     try:
         with fs.open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            for member in zip_tables(zf):  # before reading any table into memory
+                info = zf.getinfo(member)
+                bounds.check_member(url, member, info.file_size, info.compress_size)
             tables = {member: zf.read(member) for member in zip_tables(zf)}
-    except (OSError, zipfile.BadZipFile) as e:
-        return [Item(source=url, rows=0, size=0, info=item_info(url, ""),
-                     error=f"{url}: not a readable zip ({one_line(e)})")]
+    except (OSError, zipfile.BadZipFile, InputError) as e:
+        if is_transient(e):
+            raise
+        problem = str(e) if isinstance(e, InputError) else f"{url}: not a readable zip ({one_line(e)})"
+        return [Item(source=url, rows=0, size=0, info=item_info(url, ""), error=problem)]
     return [
         plan_table(data, f"{url}/{member}", item_info(url, member), source=source)
         for member, data in tables.items()
@@ -305,48 +324,71 @@ def read_folder_rows(info: dict[str, Any], first: int, stop: int, so: dict) -> l
         table = read_table(tsv, info["encoding"], first=first, stop=stop, **layout(info))
     folder = posixpath.dirname(tsv_path)
 
-    def load(name: str) -> bytes | None:
+    def load(name: str) -> bytes:
+        path = image_path(info["container"], folder, name)
+        if isinstance(fs, LocalFileSystem):
+            real, root = os.path.realpath(path), os.path.realpath(folder)
+            if os.path.commonpath([real, root]) != root:
+                raise InputError(f"{info['container']}: img_file_name '{repr(name)[1:-1]}' is a link leading "
+                                 "out of the table's folder")
         try:
-            return fs.cat_file(image_path(folder, name))
-        except OSError:  # a missing image marks its row (missing_image), not the whole read
-            return None
+            return fs.cat_file(path)
+        except OSError as e:  # a missing image marks its row (missing_image), not the whole read
+            if is_transient(e):
+                raise  # a timeout is not a missing image: the shard task is retried
+            raise InputError(f"{info['container']}: cannot read image '{repr(name)[1:-1]}' "
+                             f"({type(e).__name__})") from None
 
     return table_records(table, info["source"], load, set(info.get("shared_object_ids", ())))
 
 
 def read_zip_rows(info: dict[str, Any], first: int, stop: int, so: dict) -> list[dict[str, Any]]:
+    bounds = limits.current()
     with fsspec.open(info["container"], "rb", **so) as fh, zipfile.ZipFile(fh) as zf:
         with zf.open(info["member"]) as tsv:
             table = read_table(tsv, info["encoding"], first=first, stop=stop, **layout(info))
-        members = set(zf.namelist())
+        members = {i.filename: i for i in zf.infolist()}
         folder = posixpath.dirname(info["member"])
 
-        def load(name: str) -> bytes | None:
-            member = image_path(folder, name)
-            return zf.read(member) if member in members else None
+        def load(name: str) -> bytes:
+            member = image_path(info["container"], folder, name)
+            if member not in members:
+                raise InputError(f"{info['container']}: no member '{repr(member)[1:-1]}'")
+            found = members[member]
+            bounds.check_member(info["container"], member, found.file_size, found.compress_size)
+            return zf.read(found)
 
         return table_records(table, info["source"], load, set(info.get("shared_object_ids", ())))
 
 
-def image_path(folder: str, name: str) -> str:
+def image_path(container: str, folder: str, name: str) -> str:
+    """Where ``img_file_name`` lies, relative to the table's folder; InputError for a name that would leave it."""
     # img_file_name may hold sub-folders, written with backslashes by Windows tools
-    return posixpath.normpath(posixpath.join(folder, name.strip().replace("\\", "/")))
+    relative = name.strip().replace("\\", "/")
+    check_member_name(container, relative)  # absolute, or '..': never read
+    return posixpath.normpath(posixpath.join(folder, relative))
 
 
 def table_records(table: pd.DataFrame, source: str, load: Any, shared_object_ids: set[str] | None = None
                   ) -> list[dict[str, Any]]:
-    """Records for the rows of ``read_table``; ``load(img_file_name)`` gives the image bytes or None.
+    """Records for the rows of ``read_table``; ``load(img_file_name)`` gives the image bytes, or raises
+    InputError saying why it cannot (the row then has no image, and that reason).
 
     Ids of objects with several images (``shared_object_ids``) get the image's file name, so that
     every image keeps its own catalog id."""
     rows = []
-    cache: dict[str, bytes | None] = {}  # several rows may name one image
+    cache: dict[str, tuple[bytes | None, str]] = {}  # several rows may name one image
     for cells in table.to_dict("records"):
         name = cells.get("img_file_name", "")
         if name and name not in cache:
-            cache[name] = load(name)
+            try:
+                cache[name] = (load(name), "")
+            except InputError as e:
+                cache[name] = (None, str(e))
+        data, why = cache.get(name, (None, "")) if name else (None, "no img_file_name")
         row: dict[str, Any] = {
-            "image": {"bytes": cache.get(name) if name else None, "path": name},
+            "image": {"bytes": data, "path": name},
+            "image_error": why,
             "dataset": source,
             "ObjID": object_id(cells.get("object_id", ""), name, shared_object_ids or set()),
             "instrument": instrument_family(cells.get("acq_instrument", "")),
@@ -358,6 +400,7 @@ def table_records(table: pd.DataFrame, source: str, load: Any, shared_object_ids
             "Depth_max": parse_number(cells.get("object_depth_max", "")),
             "timestamp": parse_time(cells.get("object_date", ""), cells.get("object_time", "")),
         }
+        row["reader_qc"] = unparsed_flags(row, cells)
         for column, record_column in TEXT_COLUMNS.items():
             if column in cells:
                 row[record_column] = cells[column].strip()
@@ -365,6 +408,20 @@ def table_records(table: pd.DataFrame, source: str, load: Any, shared_object_ids
             row["pixel_size_um"] = parse_number(cells["acq_pixel"])  # EcoTaxa gives µm per pixel
         rows.append(row)
     return rows
+
+
+MISSING_WORDS = {"", "nan", "na", "n/a", "none", "null", "-"}  # cells that say "no value" rather than a bad one
+PARSED_FROM = {"lat": ("Latitude", "object_lat"), "lon": ("Longitude", "object_lon"),
+               "depth_min": ("Depth_min", "object_depth_min"), "depth_max": ("Depth_max", "object_depth_max"),
+               "time": ("timestamp", "object_date")}
+
+
+def unparsed_flags(row: dict[str, Any], cells: dict[str, str]) -> str:
+    """QC flags (``lat_unparsed``...) for cells that hold a value this reader could not parse ("inf", "abc",
+    43°75'), so that a bad value is flagged in the catalog's ``qc`` rather than silently missing."""
+    flags = [f"{name}_unparsed" for name, (column, cell) in PARSED_FROM.items()
+             if row[column] is None and str(cells.get(cell, "")).strip().lower() not in MISSING_WORDS]
+    return ";".join(flags)
 
 
 def object_id(obj: str, image_name: str, shared: set[str]) -> str:

@@ -5,6 +5,7 @@ image is the name of the folder holding it, whatever lies above (archives often 
 ``ZooScanNet/imgs/``). Archives are read in place and nothing is ever written. Members that would escape the
 target folder if extracted (absolute paths, ``..``, links, devices) are still refused at plan time: they mark a
 crafted or broken archive, and other tools (Planktonzilla's pipeline included) extract these archives to disk.
+So are decompression bombs: a member expanding beyond ``pzscale.limits`` (size, compression ratio).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from pzscale import limits
 from pzscale.errors import InputError, one_line
+from pzscale.faults import is_transient
 from pzscale.readers.base import Item, Reader, records
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
@@ -76,15 +79,24 @@ def tar_members(archive: str, fileobj: IO[bytes], *, gz: bool = False) -> Iterat
     """Safe members of a tar, in archive order; raise InputError at the first unsafe one.
 
     A generator, so a caller that peeks stops reading early. ``offset_data`` of each member is its position
-    in the (decompressed) tar stream, which ``read_spans`` uses to read members without tarfile.
+    in the (decompressed) tar stream, which ``read_spans`` uses to read members without tarfile. A member
+    declaring more bytes than ``limits.current()`` allows is refused before its data is read, and a gzip
+    stream that expands beyond the compression-ratio limit is refused as soon as it does.
     """
+    bounds = limits.current()
+    start = fileobj.tell() if gz else 0
     with tarfile.open(fileobj=fileobj, mode="r|gz" if gz else "r:") as tar:
         while (member := tar.next()) is not None:
             tar.members.clear()  # tarfile keeps every header read; a million-member plan needs only a few fields
             check_tar_member(archive, member)
+            bounds.check_member(archive, member.name, member.size)
+            if gz:  # decompressed up to this member's data, from this many compressed bytes
+                bounds.check_ratio(f"{archive}: the gzip stream", member.offset_data, fileobj.tell() - start)
             if member.isfile() and member.issparse():
                 raise InputError(f"{archive}: member '{repr(member.name)[1:-1]}' is a sparse file (not supported)")
             yield member
+        if gz:  # the last member's data, decompressed to reach the end
+            bounds.check_ratio(f"{archive}: the gzip stream", tar.offset, fileobj.tell() - start)
 
 
 def read_spans(fileobj: IO[bytes], spans: list[tuple[int, int]], *, gz: bool = False) -> list[bytes]:
@@ -170,11 +182,14 @@ def _list_archive(archive: str, fh: IO[bytes], kind: str) -> dict[str, list[int]
     """Image members of an archive: name -> [offset, size] (tar) or [] (zip). A repeated name keeps the last."""
     found: dict[str, list[int]] = {}
     if kind == "zip":
+        bounds = limits.current()
         with zipfile.ZipFile(fh) as zf:
             for info in zf.infolist():
                 check_zip_member(archive, info)
                 if not info.is_dir() and class_and_file(info.filename) is not None:
                     _check_zip_readable(archive, info)
+                    # zipfile stops at the declared size, so checking the declaration bounds the read
+                    bounds.check_member(archive, info.filename, info.file_size, info.compress_size)
                     found[info.filename] = []
         return found
     for member in tar_members(archive, fh, gz=kind == "tar.gz"):
@@ -261,6 +276,8 @@ class ClassFolderReader(Reader):
                     spans = _list_archive(path, fh, kind)
                 sizes = dict.fromkeys(spans, 0)
         except ARCHIVE_ERRORS as e:
+            if is_transient(e):
+                raise
             raise InputError(f"{path}: not a readable {kind or 'folder'} ({one_line(e)})") from None
         members = sorted(sizes)
         if not members:
@@ -281,8 +298,12 @@ class ClassFolderReader(Reader):
         try:
             if kind == "dir":
                 # cat_ranges: concurrent on object stores, and no glob expansion of names like 'sp[1].png'.
-                # A file gone since the plan is that row's problem (empty bytes), not the whole shard's.
+                # A file gone since the plan is that row's problem (empty bytes), not the whole shard's;
+                # a timeout or throttled request is the shard's (retried), never a missing image.
                 found = fs.cat_ranges([f"{fpath.rstrip('/')}/{n}" for n in names], None, None, on_error="return")
+                for d in found:
+                    if isinstance(d, Exception) and is_transient(d):
+                        raise d
                 data = [b"" if isinstance(d, Exception) else d for d in found]
             else:
                 with fs.open(fpath, "rb") as fh:
@@ -293,6 +314,8 @@ class ClassFolderReader(Reader):
                         spans = [tuple(s) for s in info["spans"][first:stop]]
                         data = read_spans(fh, spans, gz=kind == "tar.gz")
         except (*ARCHIVE_ERRORS, KeyError) as e:
+            if is_transient(e):
+                raise
             raise InputError(f"{path}: cannot read images {first}-{stop} ({one_line(e)})") from None
         long_ids = set(info.get("long_ids", ()))
         rows = []

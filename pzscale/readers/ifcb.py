@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pzscale.errors import InputError
+from pzscale.faults import is_transient
 from pzscale.readers.base import Item, Reader, encode_png, records
 
 EXTENSIONS = (".adc", ".hdr", ".roi")
@@ -297,6 +298,8 @@ def scan_bin(stem: str, sizes: dict[str, int], source: str, storage_options: dic
     except InputError as e:
         return Item(source=stem, rows=0, size=total, info=info, error=str(e))
     except OSError as e:
+        if is_transient(e):
+            raise
         return failed(f"cannot read the .adc ({' '.join(str(e).split())[:200]})")
     lines = image_lines(adc)
     ends = adc["start_byte"][lines] + adc["width"][lines] * adc["height"][lines]

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pzscale.errors import InputError, one_line
+from pzscale.faults import is_transient
 from pzscale.readers.base import Item, Reader
 from pzscale.schema import PARQUET_COLUMNS, PARQUET_REQUIRED
 
@@ -41,7 +42,9 @@ class ParquetReader(Reader):
             else:
                 with fsspec.open(item.source, "rb", **(storage_options or {})) as fh:
                     table = pq.ParquetFile(fh, pre_buffer=True).read_row_groups(groups, columns=columns)
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, ValueError, IndexError, KeyError) as e:
+            if is_transient(e) or isinstance(e, InputError):
+                raise
             raise InputError(f"{item.source}: cannot read rows {first}-{stop} ({one_line(e)})") from None
         return table.slice(first - int(starts[first_rg]), stop - first)
 
@@ -64,6 +67,21 @@ def expand(source: str, storage_options: dict | None) -> list[str]:
     return [prefix + m for m in matches]
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def _is_scalar(t: pa.DataType) -> bool:
+    """Types the ingest turns into catalog text, numbers and times (nested and binary columns it cannot)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return any(check(t) for check in (
+        pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
+        pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_timestamp,
+        pa.types.is_date,
+    ))
+
+
 def scan_file(path: str, *, storage_options: dict | None = None) -> Item:
     """Read one parquet footer and check its schema. Raises InputError naming the file."""
     fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
@@ -74,7 +92,11 @@ def scan_file(path: str, *, storage_options: dict | None = None) -> Item:
         with fs.open(fpath, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
             schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError, IndexError, KeyError) as e:  # a corrupt footer raises any
+        if isinstance(e, InputError):
+            raise
+        if is_transient(e):
+            raise
         raise InputError(f"{path}: not a readable parquet file ({one_line(e)})") from None
     names = schema.names
     missing = [c for c in PARQUET_REQUIRED if c not in names]
@@ -84,9 +106,18 @@ def scan_file(path: str, *, storage_options: dict | None = None) -> Item:
             close = difflib.get_close_matches(col, names, n=1, cutoff=0.6)
             hints.append(f"{col} (found {close[0]!r})" if close else col)
         raise InputError(f"{path}: missing Planktonzilla column(s): {', '.join(hints)}")
-    image_type = schema.field("image").type
-    if not (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
-        raise InputError(f"{path}: column 'image' is {image_type}, expected struct<bytes, path>")
-    row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     present = [c for c in PARQUET_COLUMNS if c in names]
+    repeated = sorted({c for c in present if names.count(c) > 1})
+    if repeated:
+        raise InputError(f"{path}: column(s) {', '.join(repeated)} appear more than once")
+    image_type = schema.field("image").type
+    if not (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
+            and _is_binary(image_type.field("bytes").type)):
+        raise InputError(f"{path}: column 'image' is {image_type}, expected struct<bytes: binary, path: string>")
+    for column in present:
+        column_type = schema.field(column).type
+        if column != "image" and not _is_scalar(column_type):
+            raise InputError(f"{path}: column '{column}' is {column_type}, expected text, a number, "
+                             "a boolean or a time")
+    row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     return Item(source=path, rows=meta.num_rows, size=size, info={"row_groups": row_groups, "columns": present})

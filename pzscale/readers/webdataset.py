@@ -18,6 +18,7 @@ import fsspec
 import pyarrow as pa
 
 from pzscale.errors import InputError, one_line
+from pzscale.faults import is_transient
 from pzscale.readers.base import Item, Reader, records
 from pzscale.readers.folder import ARCHIVE_ERRORS, IMAGE_EXTENSIONS, read_spans, tar_members
 
@@ -83,6 +84,8 @@ def _plan_shard(shard: str, source: str, storage_options: dict | None) -> Item:
         with fs.open(fpath, "rb") as fh:
             grouped = _group(shard, fh)
     except ARCHIVE_ERRORS as e:  # one bad shard among many is reported, not fatal
+        if is_transient(e):
+            raise
         return Item(source=shard, rows=0, size=0, info={"path": shard, "source": source},
                     error=f"{shard}: not a readable tar "
                     f"({one_line(e)})")
@@ -151,6 +154,8 @@ class WebDatasetReader(Reader):
             with fs.open(fpath, "rb") as fh:
                 data = read_spans(fh, [(s[field][1], s[field][2]) for s, field in wanted])
         except ARCHIVE_ERRORS as e:
+            if is_transient(e):
+                raise
             raise InputError(f"{shard}: cannot read samples {first}-{stop} ({one_line(e)})") from None
         content = {(s["key"], field): d for (s, field), d in zip(wanted, data, strict=True)}
         name = posixpath.basename(shard)

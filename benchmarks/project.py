@@ -1,0 +1,109 @@
+"""Project the measured per-stage rates to the full Planktonzilla-17M collection.
+
+Reads the ``summary`` of every result file under ``results/`` (one entry per stage, worker
+count, input size and device), and for each stage takes the rate measured at the largest
+input with the most workers on each device. Assumptions, stated in the output:
+
+- a stage's rate grows linearly with workers from the measured per-worker rate times the
+  measured 1 -> 2 worker scaling efficiency (one task per 16,384-image shard gives 1,062
+  tasks, so up to ~1,000 workers stay busy; object-storage bandwidth is not modelled);
+- CPU workers are one core each, as here; GPU figures are per GPU;
+- stages whose cost is not linear in N (near-duplicate candidate generation) are
+  extrapolated with the growth exponent measured between their two input sizes.
+
+Published anchors are quoted beside the projection, never mixed into it. Writes
+``results/projection.json`` and the projection table in README.md. Run after the suites.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from common import RESULTS, load, machine, replace_block
+
+N_PLANKTONZILLA = 17_400_000
+WORKER_COUNTS = (2, 32, 256)
+ANCHORS = [
+    ("embed ViT-B/16", "clip-retrieval: ~1,100 img/s per A100 (8xA100 node, batch 512) -> 4.4 GPU-h for 17.4M"),
+    ("embed ViT-L/14", "clip-retrieval: 312 img/s per A100 -> 15.5 GPU-h for 17.4M"),
+    ("pipeline", "NeMo Curator: >= 900 img/s per 8-GPU node (ViT-L/14 + filters) -> 5.4 h for 17.4M"),
+    ("dedup", "fastdup: ~4M img/h on 32 CPU cores -> 4.4 h for 17.4M"),
+    ("ingest", "img2dataset: ~100 img/s per core with resize (download-bound)"),
+]
+
+
+def summaries() -> list[dict]:
+    out = []
+    for suite in ("ingest", "dedup", "embed", "classify", "env"):
+        for data in load(suite):
+            for entry in data.get("summary", []):
+                out.append({**entry, "suite": suite, "commit": data["metadata"]["machine"]["commit"],
+                            "cpus": data["metadata"]["machine"]["cpus"],
+                            "device_name": data["metadata"]["machine"].get("device_name")})
+    return out
+
+
+def best_entries(entries: list[dict]) -> dict[tuple, dict]:
+    """Per (stage, device): the entry at the largest input with the most workers, plus the
+    1-worker rate at that size for the scaling efficiency."""
+    chosen: dict[tuple, dict] = {}
+    for e in entries:
+        key = (e["stage"], e.get("device", "cpu"))
+        rank = (e["images"], e["workers"])
+        if key not in chosen or rank >= (chosen[key]["images"], chosen[key]["workers"]):
+            chosen[key] = e
+    for key, e in chosen.items():
+        one = [x for x in entries if (x["stage"], x.get("device", "cpu")) == key and x["images"] == e["images"]
+               and x["workers"] == 1]
+        e["scaling"] = (e["images_per_s"] / (e["workers"] * one[-1]["images_per_s"])) if one and e["workers"] > 1 \
+            else 1.0
+    return chosen
+
+
+def project(e: dict) -> dict:
+    per_worker = e["images_per_s"] / e["workers"]
+    rows = {}
+    for w in WORKER_COUNTS if e.get("device", "cpu") == "cpu" else (1, 8, 64):
+        efficiency = 1.0 if w == 1 else e["scaling"]
+        rate = per_worker * w * efficiency
+        seconds = N_PLANKTONZILLA / rate
+        if e.get("growth_exponent"):  # cost grows faster than N: extrapolate the measured time
+            seconds = e["seconds"] * (N_PLANKTONZILLA / e["images"]) ** e["growth_exponent"]
+            seconds /= max(1.0, w / e["workers"] * efficiency) if e.get("parallel") else 1.0
+        rows[str(w)] = {"images_per_s": rate, "wall_hours": seconds / 3600, "worker_hours": seconds * w / 3600}
+    return {"stage": e["stage"], "device": e.get("device", "cpu"), "device_name": e.get("device_name"),
+            "measured": {k: e[k] for k in ("images", "workers", "images_per_s", "commit") if k in e},
+            "scaling_1_to_2": e["scaling"], "projection": rows}
+
+
+def main() -> None:
+    chosen = best_entries(summaries())
+    projections = [project(e) for _, e in sorted(chosen.items())]
+    out = {"metadata": {"machine": machine(), "images": N_PLANKTONZILLA, "worker_counts": list(WORKER_COUNTS),
+                        "assumptions": __doc__.split("Assumptions, stated in the output:")[1].split("Published")[0]
+                        .strip()},
+           "projections": projections, "anchors": [{"what": a, "figure": f} for a, f in ANCHORS]}
+    path = RESULTS / "projection.json"
+    path.write_text(json.dumps(out, indent=1))
+    lines = ["| stage | device | measured img/s (workers, images) | 1->2 scaling | "
+             + " | ".join(f"{w} workers: wall h (worker-h)" for w in WORKER_COUNTS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(WORKER_COUNTS)]
+    for p in projections:
+        m = p["measured"]
+        cells = [f"{r['wall_hours']:,.2f} ({r['worker_hours']:,.1f})" for r in p["projection"].values()]
+        heads = list(p["projection"])
+        lines.append(f"| {p['stage']} | {p['device_name'] or p['device']} | {m['images_per_s']:,.1f} "
+                     f"({m['workers']} w, {m['images']:,}) | {p['scaling_1_to_2']:.2f} | "
+                     + " | ".join(f"{h} w: {c}" for h, c in zip(heads, cells, strict=True)) + " |")
+    lines += ["", "Anchors (published, other hardware; not pzscale measurements):", ""]
+    lines += [f"- {a}: {f}" for a, f in ANCHORS]
+    replace_block("projection", lines)
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    if not math.isfinite(sum(p["measured"]["images_per_s"] for p in projections) or 0):
+        raise SystemExit("a rate is not finite")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The env stage on a real LocalCluster: values, QC, attributes, markers, reruns, changed
+parameters, the COBE acceptance values through the catalog, grids and catalog on S3, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from pzscale import catalog, grids, open_catalog
+from pzscale.cli import app
+from pzscale.env import env, names, parse_variables
+from pzscale.errors import CatalogError, InputError
+from pzscale.grids import Grid, JoinOptions
+from pzscale.ingest import ingest
+from pzscale.schema import TIME_FILL
+from pzscale.synth import synth
+
+pytestmark = [pytest.mark.cluster]
+
+COBE = "nctoolkit/sst.mon.ltm.1981-2010.nc"
+BASIN = "xarray-data/basin_mask.nc"
+# grids.md section 2: lat, lon, month, COBE LTM sst, basin code at the surface (Skagerrak: land -> nearest ocean)
+SAMPLES = [(33.4213, -121.6240, 6, 15.24, 2), (18.0, -24.4167, 4, 22.33, 1), (-44.7254, 145.5351, 4, 13.78, 3),
+           (47.846, -15.437, 6, 15.18, 1), (57.7282, 11.4682, 9, 15.23, 1)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A 4-degree synthetic grid over the synthetic catalog's years (2019-2022)."""
+    return grids.synthetic_grid(tmp_path_factory.mktemp("grid") / "grid.nc", resolution=4.0, months=48)
+
+
+@pytest.fixture(scope="module")
+def small_catalog(client, tmp_path_factory):
+    """A synthetic catalog of 320 images in 5 shards (positions, depths, times; some without)."""
+    work = tmp_path_factory.mktemp("envcat")
+    synth(work / "parquet", images=320, seed=3, rows_per_file=320)
+    url = str(work / "catalog.zarr")
+    ingest([str(work / "parquet")], url, shard_len=64, client=client, progress=False)
+    return url
+
+
+@pytest.fixture
+def catalog_copy(small_catalog, tmp_path):
+    url = str(tmp_path / "catalog.zarr")
+    shutil.copytree(small_catalog, url)
+    return url
+
+
+def expected_join(url: str, grid_path: str, variable: str, options: JoinOptions | None = None):
+    """The kernel on the catalog's own columns (the kernel itself is checked against numpy in test_grids)."""
+    group = catalog.open_group(url)
+    cols = catalog.read_rows(group, 0, catalog.n_rows_of(group), ["lat", "lon", "depth_min", "depth_max", "time"])
+    with Grid.open(grid_path, variable, options=options) as g:
+        return g.join(cols["lat"], cols["lon"], depth_min=cols["depth_min"], depth_max=cols["depth_max"],
+                      time=cols["time"])
+
+
+def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy, grid):
+    url = catalog_copy
+    report = env(url, grid, ["sst", "temp=thetao", "so"], client=client, progress=False)
+    n_shards = report.shards_total
+    assert report.shards_written == n_shards and report.rows_computed == catalog.n_rows_of(catalog.open_group(url))
+    ds = open_catalog(url)
+    for name, variable in (("sst", "sst"), ("temp", "thetao"), ("so", "so")):
+        values, qc = expected_join(url, grid, variable)
+        np.testing.assert_array_equal(ds[f"env_{name}"].values, values)
+        np.testing.assert_array_equal(ds[f"env_{name}_qc"].values, qc)
+        assert ds[f"env_{name}"].dtype == np.float32
+        assert catalog.done_shards(url, f"env/{name}") == set(range(n_shards))
+    lat = ds["lat"].values
+    depth_known = np.isfinite(ds["depth_min"].values)
+    sst_qc, temp_qc = ds["env_sst_qc"].values, ds["env_temp_qc"].values
+    assert (sst_qc[np.isnan(lat)] == "no_position").all() and (sst_qc[~np.isnan(lat)] != "no_position").all()
+    assert ((temp_qc == "no_position") == (np.isnan(lat) | ~depth_known)).all()
+    assert (sst_qc == "ok").sum() > 0.5 * np.isfinite(lat).sum()
+    ok = sst_qc == "ok"
+    assert np.isfinite(ds["env_sst"].values[ok]).all() and np.isnan(ds["env_sst"].values[~ok]).all()
+    attrs = ds["env_sst"].attrs
+    assert attrs["units"] == "degC" and attrs["source_units"] == "K" and attrs["variable"] == "sst"
+    assert attrs["grid"] == grid and attrs["tolerances"] == {"lat": 4.0, "lon": 4.0, "time_days": 31.0}
+    assert ds["env_temp"].attrs["variable"] == "thetao" and ds["env_so"].attrs["units"] == "1e-3"
+    assert set(ds["env_sst_qc"].attrs["flag_values"]) == set(grids.QC_VALUES)
+    record = catalog.metadata(catalog.open_group(url))["stages"]["env/temp"]
+    assert record["variable"] == "thetao" and record["options"]["depth"] == "nearest"
+
+    again = env(url, grid, ["sst", "temp=thetao", "so"], client=client, progress=False)
+    assert again.shards_written == 0 and again.shards_skipped == n_shards
+
+    tight = JoinOptions(time_tolerance_days=1.0)  # mid-month steps: most images fall out of range
+    with pytest.raises(CatalogError, match="env_sst was joined .* overwrite"):
+        env(url, grid, ["sst"], options=tight, client=client, progress=False)
+    redone = env(url, grid, ["sst"], options=tight, client=client, progress=False, overwrite=True)
+    assert redone.shards_written == n_shards
+    ds = open_catalog(url)
+    values, qc = expected_join(url, grid, "sst", tight)
+    np.testing.assert_array_equal(ds["env_sst_qc"].values, qc)
+    np.testing.assert_array_equal(ds["env_sst"].values, values)
+    assert (qc == "out_of_range").sum() > (sst_qc == "out_of_range").sum()
+    np.testing.assert_array_equal(ds["env_temp"].values, expected_join(url, grid, "thetao")[0])  # untouched
+    assert ds["env_sst"].attrs["tolerances"]["time_days"] == 1.0
+
+
+def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, shared_data):
+    url = catalog_copy
+    group = catalog.open_group(url, mode="r+")
+    shard_len = catalog.metadata(group)["shard_len"]
+    cols = catalog.read_rows(group, 0, shard_len, ["lat", "lon", "depth_min", "depth_max", "time"])
+    for i, (lat, lon, month, *_) in enumerate(SAMPLES):
+        cols["lat"][i], cols["lon"][i] = lat, lon
+        cols["depth_min"][i] = cols["depth_max"][i] = 0.0
+        cols["time"][i] = np.datetime64(f"2021-{month:02d}-03T10:00", "ms").astype(np.int64)
+    cols["time"][len(SAMPLES)] = TIME_FILL  # a located image without a time
+    catalog.write_arrays(group, 0, shard_len, cols)
+    env(url, str(shared_data / COBE), {"sst": "sst"}, client=client, progress=False)
+    env(url, str(shared_data / BASIN), ["basin"], options=JoinOptions(land_fill_km=200), client=client,
+        progress=False)
+    ds = open_catalog(url).isel(image=slice(0, len(SAMPLES) + 1))
+    np.testing.assert_allclose(ds["env_sst"].values[:5], [s[3] for s in SAMPLES], atol=0.01)
+    assert ds["env_sst_qc"].values.tolist() == ["ok"] * 5 + ["no_position" if np.isfinite(cols["lat"][5])
+                                                             else "no_position"]
+    np.testing.assert_array_equal(ds["env_basin"].values[:5], [s[4] for s in SAMPLES])
+    assert ds["env_basin_qc"].values[:5].tolist() == ["ok"] * 4 + ["land_filled"]
+    assert ds["env_sst"].attrs["time_method"] == "month of year (climatology)"
+
+
+def test_bad_variables_and_grids_fail_before_any_write(client, catalog_copy, grid, shared_data):
+    with pytest.raises(InputError, match="no variable 'chlor'"):
+        env(catalog_copy, grid, ["chlor"], client=client, progress=False)
+    with pytest.raises(InputError, match="curvilinear"):
+        env(catalog_copy, str(shared_data / "iris-sample-data/NEMO/nemo_1m_20150101-20150201_grid-T.nc"), ["sst"],
+            client=client, progress=False)
+    with pytest.raises(InputError, match="bad variable spec"):
+        parse_variables(["2x=sst"])
+    assert not any(str(name).startswith("env_") for name, _ in catalog.open_group(catalog_copy).arrays())
+    assert names("sst") == {"value": "env_sst", "qc": "env_sst_qc", "stage": "env/sst"}
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "envkey", "secret": "env-secret-9d1f", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("envbucket")
+    yield options
+    server.stop()
+
+
+def test_grids_on_s3_zarr_in_place_and_netcdf_fetched(client, moto, catalog_copy, grid):
+    """The grid on object storage (moto on 127.0.0.1), opened inside each task with its storage options."""
+    import s3fs
+
+    so, url = moto, catalog_copy
+    zarr_grid = grids.synthetic_grid("s3://envbucket/grid.zarr", resolution=4.0, months=48, storage_options=so)
+    s3fs.S3FileSystem(skip_instance_cache=True, **so).put_file(grid, "envbucket/grid.nc")
+    report = env(url, zarr_grid, ["sst", "thetao"], client=client, grid_storage_options=so, progress=False)
+    assert report.shards_written == report.shards_total == 5
+    ds = open_catalog(url)
+    cols = {k: ds[k].values for k in ("lat", "lon", "depth_min", "depth_max", "time")}
+    with Grid.open("s3://envbucket/grid.nc", "thetao", storage_options=so) as remote_nc:
+        values, qc = remote_nc.join(cols["lat"], cols["lon"], depth_min=cols["depth_min"],
+                                    depth_max=cols["depth_max"], time=cols["time"])
+    np.testing.assert_array_equal(ds["env_thetao"].values, values)  # the same grid as Zarr and as NetCDF
+    np.testing.assert_array_equal(ds["env_thetao_qc"].values, qc)
+    assert (qc == "ok").any() and ds["env_thetao"].attrs["grid"] == "s3://envbucket/grid.zarr"
+    group_attrs = json.dumps(catalog.metadata(catalog.open_group(url)))
+    assert so["secret"] not in group_attrs and so["key"] not in group_attrs
+
+
+def test_cli_env(client, catalog_copy, grid):
+    runner = CliRunner()
+    result = runner.invoke(app, ["env", "--catalog", catalog_copy, "--grid", grid, "--var", "sst", "--var",
+                                 "chl=chlor_a", "--land-fill-km", "300", "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert "env/sst,chl" in result.output
+    ds = open_catalog(catalog_copy)
+    assert ds["env_chl"].attrs["variable"] == "chlor_a" and ds["env_chl"].attrs["land_fill_km"] == 300
+    values, _ = expected_join(catalog_copy, grid, "chlor_a", JoinOptions(land_fill_km=300))
+    np.testing.assert_array_equal(ds["env_chl"].values, values)
+    bad = runner.invoke(app, ["env", "--catalog", catalog_copy, "--grid", grid, "--var", "nothing",
+                              "--scheduler", client.scheduler.address])
+    assert bad.exit_code == 1 and "no variable 'nothing'" in bad.output
+    assert json.loads(json.dumps(xr.open_zarr(catalog_copy, consolidated=False)["env_sst"].attrs))["grid"] == grid
