@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-full bench-embed clean
+.PHONY: demo test bench bench-full bench-gpu bench-embed clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# every stage against its ceiling and peer, then the 17.4M projection and the plot
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/run.py
 
 bench-full: $(STAMP)
-	$(BIN)/python benchmarks/bench_ingest.py --sizes 16384 65536 --repeats 5
+	$(BIN)/python benchmarks/run.py --full
+
+# on a machine with one CUDA GPU (under 5 minutes)
+bench-gpu: $(STAMP)
+	benchmarks/gpu.sh
 
 bench-embed: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --images 384 --repeats 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -185,6 +186,23 @@ def end_to_end(client: Client, folder: Path, truth: dict) -> dict:
     return out
 
 
+def summary(results: dict, n: int) -> list[dict]:
+    """Entries for the projection and the plot: candidate generation at N and 4N (with its growth
+    exponent) and the end-to-end near dedup."""
+    runs = results["scaling"]["real_phash"]["runs"]
+    small, large = runs[str(n)], runs[str(4 * n)]
+    exponent = math.log(large["seconds"] / small["seconds"]) / math.log(4)
+    peer = results["peer_on_encodings"]
+    e2e = results["end_to_end"]
+    out = [{"stage": "near-dup candidates", "workers": 2, "images": r["hashes"], "device": "cpu",
+            "images_per_s": r["hashes"] / r["seconds"], "seconds": r["seconds"], "growth_exponent": exponent,
+            "peer_ratio": peer["speedup_at_target"] if r["hashes"] == peer["target_hashes"] else None}
+           for r in (small, large)]
+    out.append({"stage": "dedup end to end (hash pass + near)", "workers": 2, "images": e2e["images"],
+                "device": "cpu", "images_per_s": e2e["images"] / e2e["pzscale_s"], "peer_ratio": e2e["speedup"]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=25_000, help="N of the scaling run (4N is run too)")
@@ -214,6 +232,7 @@ def main() -> None:
         results["end_to_end"] = end_to_end(client, folder, json.loads((folder / "truth.json").read_text()))
     # other jobs on the machine slow both sides alike within one run; the load says how noisy it was
     results["metadata"]["load_average_at_end"] = os.getloadavg()
+    results["summary"] = summary(results, args.n)
     out = HERE / "results" / f"dedup--{socket.gethostname()}--cpu.json"
     out.write_text(json.dumps(results, indent=1, default=float))
     print(json.dumps({k: v for k, v in results.items() if k != "metadata"}, indent=1, default=float))

@@ -203,6 +203,12 @@ def main() -> None:
                       "loop_equals_bare_xarray": float(loop_same), "stage_equals_kernel": bool(stage_same),
                       "qc": {k: int((qc == k).sum()) for k in grids.QC_VALUES}}
     results["results"] = r
+    stage_rate = r["pzscale_stage_2_workers_points_per_s"]["median"]
+    results["summary"] = [{
+        "stage": "env join", "workers": 2, "images": n, "device": "cpu", "images_per_s": stage_rate,
+        "ceiling_ratio": r["ratios"]["stage_vs_bare_xarray"], "ceiling_target": 0.67,
+        "kernel_ceiling_ratio": r["ratios"]["kernel_in_memory_vs_bare_xarray"],
+        "peer_ratio": stage_rate / r["per_point_loop_points_per_s"]["median"]}]
     out = HERE / "results" / f"env--{socket.gethostname()}--cpu.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float))

@@ -17,28 +17,22 @@ import argparse
 import io
 import json
 import multiprocessing as mp
-import os
-import platform
 import shutil
-import socket
-import statistics
-import subprocess
 import tempfile
 import time
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-from distributed import Client, LocalCluster
+from common import HERE, WorkerMemory, cluster, machine, save, stats
+from distributed import Client
 from PIL import Image
 
+from pzscale.catalog import DEFAULT_SHARD_LEN
 from pzscale.ingest import ingest
 from pzscale.synth import synth
 
-HERE = Path(__file__).parent
-SHARD_LEN = 2048
+SHARD_LEN = DEFAULT_SHARD_LEN
 
 
 def dataset(n: int) -> Path:
@@ -114,96 +108,58 @@ def peer(folder: Path) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _start_rss_sampler(dask_worker, every: float = 0.005) -> None:
-    """Sample this worker's RSS in a daemon thread. ru_maxrss is no use here: Linux keeps it
-    across fork+exec, so a worker inherits the peak of the process that spawned it."""
-    import threading
-
-    worker, proc = dask_worker, psutil.Process()
-    worker.pz_peak_rss = proc.memory_info().rss
-
-    def sample() -> None:
-        while True:
-            worker.pz_peak_rss = max(worker.pz_peak_rss, proc.memory_info().rss)
-            time.sleep(every)
-
-    threading.Thread(target=sample, daemon=True).start()
-
-
-def _peak_rss(dask_worker) -> int:
-    return dask_worker.pz_peak_rss
-
-
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def pzscale_ingest(client: Client, folder: Path, n: int, repeats: int) -> dict:
+def pzscale_ingest(client: Client, folder: Path, n: int, repeats: int, shard_len: int) -> dict:
     rates = []
     baseline = max(client.run(_rss).values())
-    client.run(_start_rss_sampler)
+    memory = WorkerMemory(client)
+    memory.start()
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
             start = time.perf_counter()
-            ingest([str(folder)], f"{tmp}/catalog.zarr", shard_len=SHARD_LEN, client=client, progress=False)
+            ingest([str(folder)], f"{tmp}/catalog.zarr", shard_len=shard_len, client=client, progress=False)
             rates.append(n / (time.perf_counter() - start))
-    peaks = client.run(_peak_rss)
-    return {"images_per_s": stats(rates), "worker_rss_start_bytes": baseline,
-            "worker_peak_rss_bytes": max(peaks.values())}
-
-
-def stats(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "host": socket.gethostname(), "platform": platform.platform(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-        "python": platform.python_version(), "commit": commit,
-        "versions": {p: version(p) for p in ("pzscale", "dask", "distributed", "zarr", "pyarrow", "pillow",
-                                              "numpy")},
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return {"images_per_s": stats(rates), "worker_rss_start_bytes": baseline, "worker_peak_rss_bytes": memory.peak()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs=2, default=[8192, 32768])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[32768, 131072])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-len", type=int, default=SHARD_LEN)
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
-    results: dict = {"metadata": {"machine": machine(), "suite": "ingest", "shard_len": SHARD_LEN,
-                                  "sizes": args.sizes, "repeats": args.repeats}, "results": {}}
+    results: dict = {"metadata": {"machine": machine(), "suite": "ingest", "shard_len": args.shard_len,
+                                  "sizes": args.sizes, "repeats": args.repeats}, "results": {}, "summary": []}
     folders = {n: dataset(n) for n in args.sizes}
     for n, folder in folders.items():
         res = results["results"][str(n)] = {}
-        print(f"--- {n} images")
+        print(f"--- {n} images", flush=True)
         with mp.get_context("spawn").Pool(2) as pool:
             pool.map(_decode_row_group, row_groups(folder)[:2])  # warm the pool
             res["ceiling_decode_2proc"] = stats([ceiling(pool, folder) for _ in range(args.repeats)])
             res["ceiling_decode_write_2proc"] = stats([io_ceiling(pool, folder) for _ in range(args.repeats)])
         res["peer_single_process"] = stats([peer(folder) for _ in range(args.repeats)])
         for workers in (1, 2):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                              dashboard_address=":0") as cluster, Client(cluster) as client:
-                res[f"pzscale_{workers}w"] = pzscale_ingest(client, folder, n, args.repeats)
+            with cluster(workers) as client:
+                res[f"pzscale_{workers}w"] = pzscale_ingest(client, folder, n, args.repeats, args.shard_len)
         c, p = res["ceiling_decode_2proc"]["median"], res["peer_single_process"]["median"]
         one, two = res["pzscale_1w"]["images_per_s"]["median"], res["pzscale_2w"]["images_per_s"]["median"]
         cw = res["ceiling_decode_write_2proc"]["median"]
         res["ratios"] = {"pzscale_2w_over_ceiling": two / c, "pzscale_2w_over_decode_write_ceiling": two / cw,
-                         "pzscale_2w_over_peer": two / p,
-                         "scaling_efficiency_2w": two / (2 * one)}
-        print(json.dumps(res, indent=1))
+                         "pzscale_2w_over_peer": two / p, "scaling_efficiency_2w": two / (2 * one)}
+        for workers, rate in ((1, one), (2, two)):
+            results["summary"].append({
+                "stage": "ingest", "workers": workers, "images": n, "device": "cpu", "images_per_s": rate,
+                "ceiling_ratio": rate / c, "ceiling_target": 0.7, "peer_ratio": rate / p,
+                "peak_rss_bytes": res[f"pzscale_{workers}w"]["worker_peak_rss_bytes"]})
+        print(json.dumps(res, indent=1), flush=True)
     small, large = (results["results"][str(n)]["pzscale_2w"]["worker_peak_rss_bytes"] for n in args.sizes)
     results["memory_growth_large_over_small"] = large / small
-    out = HERE / "results" / f"ingest--{socket.gethostname()}--cpu.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = save("ingest", results)
     render_readme()
     print(f"wrote {out}")
 
