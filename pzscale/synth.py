@@ -27,9 +27,14 @@ Render = Callable[[np.random.Generator], Image.Image]
 # The renderers draw on a uniform "paper" of this grey; ``_place`` reads their pixels as transmission
 # (value / PAPER) over the ROI's own uneven background, so blur, highlights and ink all carry over.
 PAPER = 230
-TEXTURE, TEXTURE_CELLS, UNEVEN, UNEVEN_CELLS, MARGIN = 0.8, (10, 20), 24, (12, 24), (0.03, 0.25)
-INK = (30, 120)
-WARP, WARP_CELLS = 0.06, (2, 4)
+INK = (30, 120)  # the drawn forms' grey range on the paper
+# How individual each ROI is (see ``_place``); chosen so that unrelated images lie more than 8 bits apart
+# in pHash while planted near copies stay within 2-6 bits (measured in tests/test_dedup.py).
+TEXTURE, TEXTURE_SCALE = 0.3, (10, 20)  # blotch contrast inside bodies; blob size as 1/scale of the object
+UNEVEN, UNEVEN_SCALE = 16, (12, 24)  # background mottling, grey levels (1 sd); blob size as 1/scale of the ROI
+SLOPE = (0, 30)  # background gradient across the ROI, grey levels
+CROP = True
+PADDING = 0.3  # padding along each axis, as a fraction of the object's size, split at random between the sides
 
 
 def _canvas(w: float, h: float) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -50,18 +55,19 @@ def _chain(rng):
     cells, r = int(rng.integers(3, 9)), float(rng.uniform(5, 14))
     bend = float(rng.uniform(-0.12, 0.12)) * r  # chains curl: cell centres on a parabola
     sag = [bend * (i - (cells - 1) / 2) ** 2 for i in range(cells)]
-    top = 6 + r + max(0.0, -min(sag))
-    img, d = _canvas(cells * 2.2 * r + 12, 2.6 * r + 14 + max(sag) - min(sag))
+    top = 6 + 3.2 * r + max(0.0, -min(sag))
+    img, d = _canvas(cells * 2.2 * r + 12 + 4 * r, 8.4 * r + 14 + max(sag) - min(sag))
     ink = _ink(rng)
     for i in range(cells):
-        cx, cy = 6 + r * (1.1 + 2.2 * i), top + sag[i]
+        cx, cy = 6 + r * (3.1 + 2.2 * i), top + sag[i]
         ry = r * rng.uniform(0.75, 1.1)
         d.ellipse([cx - r * rng.uniform(0.9, 1.1), cy - ry, cx + r, cy + ry], fill=ink)
         if i < cells - 1:
             d.line([cx, cy, cx + 2.2 * r, top + sag[i + 1]], fill=ink, width=2)
-        for _ in range(int(rng.integers(0, 3))):  # setae: a random number, length and angle per cell
-            a, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.4) * r
-            d.line([cx, cy, cx + length * math.cos(a), cy + length * math.sin(a)], fill=ink, width=1)
+        for side in (-1, 1):  # setae: long spines from each cell, at random lengths and angles
+            if rng.random() < 0.85:
+                a, length = side * math.pi / 2 + rng.uniform(-0.6, 0.6), rng.uniform(1.5, 3) * r
+                d.line([cx, cy, cx + length * math.cos(a), cy + length * math.sin(a)], fill=ink, width=1)
     return _turned(img, rng)
 
 
@@ -162,33 +168,25 @@ def _place(drawn: Image.Image, rng: np.random.Generator) -> Image.Image:
     as real ROIs do, however alike two drawn forms are.
     """
     transmission = np.asarray(drawn, np.float32) / PAPER
-    if WARP:  # no two bodies alike: bend and bulge the drawn form by a smooth random displacement field
-        reach = int(WARP * max(transmission.shape)) + 1
-        transmission = np.pad(transmission, reach, constant_values=1)
-        h, w = transmission.shape
-        scale = rng.uniform(*WARP_CELLS)
-        dy, dx = (WARP * max(h, w) * _low_frequency(h, w, scale, rng) for _ in range(2))
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        transmission = scipy.ndimage.map_coordinates(transmission, [yy + dy, xx + dx], order=1, mode="constant",
-                                                     cval=1.0)
     rows, cols = np.nonzero(np.abs(transmission - 1) > 0.02)  # segmentation: the object's bounding box
-    if len(rows):
+    if len(rows) and CROP:
         transmission = transmission[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = transmission.shape
     # blotches: how dark the body is varies smoothly inside it, differently in every image
-    texture = 1 + TEXTURE * _low_frequency(h, w, rng.uniform(*TEXTURE_CELLS), rng)
+    texture = 1 + TEXTURE * _low_frequency(h, w, rng.uniform(*TEXTURE_SCALE), rng)
     transmission = 1 - (1 - transmission) * np.clip(texture, 0.3, 1.8)
     # crops are padded unevenly around the object
-    left, right = (int(rng.uniform(*MARGIN) * w) + 2 for _ in range(2))
-    top, bottom = (int(rng.uniform(*MARGIN) * h) + 2 for _ in range(2))
+    split_x, split_y = rng.uniform(0, 1, 2)
+    left, right = int(split_x * PADDING * w) + 2, int((1 - split_x) * PADDING * w) + 2
+    top, bottom = int(split_y * PADDING * h) + 2, int((1 - split_y) * PADDING * h) + 2
     roi = np.ones((h + top + bottom, w + left + right), np.float32)
     roi[top : top + h, left : left + w] = transmission
     rows, cols = roi.shape
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    angle, slope = rng.uniform(0, 2 * math.pi), rng.uniform(0, 30)
+    angle, slope = rng.uniform(0, 2 * math.pi), rng.uniform(*SLOPE)
     background = (rng.uniform(195, 236) + slope * ((xx / cols - 0.5) * math.cos(angle) + (yy / rows - 0.5)
                                                     * math.sin(angle))
-                  + UNEVEN * _low_frequency(rows, cols, rng.uniform(*UNEVEN_CELLS), rng))
+                  + UNEVEN * _low_frequency(rows, cols, rng.uniform(*UNEVEN_SCALE), rng))
     return Image.fromarray(np.clip(background * roi, 0, 255).astype(np.uint8))
 
 
