@@ -195,6 +195,36 @@ def test_near_groups_equal_brute_force_union_find_of_the_stored_phash(deduped):
             assert near[a] == near[b], d
 
 
+def near_scores(url: str, truth: dict) -> tuple[float, float]:
+    """Recall of the planted near copies (copy and original in one ``dup_near`` group) and the pair precision
+    of the groups (pairs of rows grouped together that are a planted original and its copy, or two copies of it)."""
+    ds = open_catalog(url)[["image_id", "dup_near"]].compute()
+    row = {k: i for i, k in enumerate(ds["image_id"].values)}
+    groups = ds["dup_near"].values
+    near = [(row[d["copy_of"]], row[d["image_id"]]) for d in truth["duplicates"] if d["kind"] == "near"]
+    recall = float(np.mean([groups[a] == groups[b] for a, b in near]))
+    family = np.arange(len(groups))
+    for d in truth["duplicates"]:
+        family[row[d["image_id"]]] = row[d["copy_of"]]
+    frame = pd.DataFrame({"group": groups, "family": family})[groups >= 0]
+    pairs = lambda sizes: int((sizes * (sizes - 1) // 2).sum())  # noqa: E731
+    grouped, true = pairs(frame.groupby("group").size()), pairs(frame.groupby(["group", "family"]).size())
+    return recall, true / max(1, grouped)
+
+
+def test_near_groups_recover_the_planted_near_copies(deduped):
+    url, _, truth = deduped
+    recall, _ = near_scores(url, truth)
+    assert recall >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5 acceptance not met: distinct elongated synthetic forms (chains, "
+                   "arrow worms, copepods) at similar angles still fall within 8 pHash bits (pair precision ~0.5-0.75)")
+def test_near_groups_are_precise_enough_for_the_acceptance(deduped):
+    url, _, truth = deduped
+    assert near_scores(url, truth)[1] >= 0.99
+
+
 def test_keep_is_one_best_row_per_group_of_the_union_of_methods(deduped):
     url, report, _ = deduped
     ds = open_catalog(url)[["status", "lineage", "width", "height", "dup_exact", "dup_near", "dup_keep"]].compute()

@@ -77,3 +77,48 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     synth(c, images=60, seed=4)
     fa, fb, fc = (sorted(p.glob("*.parquet"))[0].read_bytes() for p in (a, b, c))
     assert fa == fb and fa != fc
+
+
+def _phashes_and_relatives(folder):
+    """pHash of every decodable row, and each row's planted family (the original it copies, or itself)."""
+    from pzscale import imagehash, images
+
+    rows = _rows(folder)
+    truth = json.loads((folder / "truth.json").read_text())
+    corrupt = {c["image_id"] for c in truth["corrupt"]}
+    ids = [k for k in rows if k not in corrupt]
+    hashes = imagehash.phashes([images.decode(rows[k]["image"]["bytes"]) for k in ids])
+    family = {k: k for k in ids}
+    family.update({d["image_id"]: d["copy_of"] for d in truth["duplicates"]})
+    return rows, truth, ids, hashes, np.array([family[k] for k in ids])
+
+
+def test_every_drawing_is_its_own_picture_to_a_perceptual_hash(synth_dir):
+    from pzscale import imagehash
+
+    rows, _, ids, hashes, family = _phashes_and_relatives(synth_dir)
+    dist = imagehash.hamming(hashes[:, None], hashes[None, :])
+    unrelated = np.triu(family[:, None] != family[None, :], 1)
+    # forms drawn alike once made thousands of identical hashes (every bubble the same 32 x 32 picture)
+    assert (dist[unrelated] == 0).sum() == 0
+    assert (dist[unrelated] <= 8).mean() < 1e-4
+    bubbles = np.array([rows[k]["original_label"] == "bubble" for k in ids]) & (family == np.array(ids))
+    assert len(np.unique(hashes[bubbles])) == bubbles.sum() > 20
+
+
+def test_near_copies_are_mild_and_shifts_only_small_on_large_images(synth_dir):
+    from pzscale import imagehash
+
+    rows, truth, ids, hashes, _ = _phashes_and_relatives(synth_dir)
+    where = {k: i for i, k in enumerate(ids)}
+    near = [d for d in truth["duplicates"] if d["kind"] == "near"]
+    seen = set()
+    for d in near:
+        how = d["alteration"]
+        seen.add(how.split()[0])
+        if how.startswith("shift"):
+            w, h = Image.open(io.BytesIO(rows[d["copy_of"]]["image"]["bytes"])).size
+            dx, dy = (int(v) for v in how.split("(")[1].split(")")[0].split(","))
+            assert min(w, h) >= 100 and 1 <= dx <= 0.02 * w and 1 <= dy <= 0.02 * h, (how, w, h)
+        assert imagehash.hamming(hashes[where[d["image_id"]]], hashes[where[d["copy_of"]]]) <= 8, d
+    assert {"rescale", "brightness", "re-encoded"} <= seen
