@@ -204,7 +204,7 @@ def test_fine_tune_a_saved_backbone_end_to_end(trained, client, tmp_path):
     """Any model directory's backbone can be fine-tuned with a new head on the images."""
     url, model_dir, card, _ = trained
     tuned_dir = str(tmp_path / "tuned")
-    tuned = train(url, tuned_dir, name="tuned", backbone_dir=model_dir, fine_tune=True, epochs=1, lr=1e-3,
+    tuned = train(url, tuned_dir, name="tuned", backbone_dir=model_dir, fine_tune=True, epochs=3, lr=1e-3,
                   log=lambda *_: None)
     assert tuned.kind == card.kind and tuned.image_size == card.image_size and tuned.classes == card.classes
     assert tuned.extra["fine_tuned_from"] == model_dir
