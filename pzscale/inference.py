@@ -24,45 +24,48 @@ from pzscale.preprocess import prepare_batch
 from pzscale.progress import StageReport, run_shards
 from pzscale.schema import RANKS, STATUS_OK
 
-_LOADED: dict[tuple[str, str, int], LoadedModel] = {}
+_LOADED: dict[tuple[str, str, str, int], Any] = {}
 
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_on_worker(model_dir: str, device: str | None = None) -> LoadedModel:
+def model_on_worker(model_dir: str, device: str | None = None, loader: Callable[..., Any] = load_model) -> Any:
     """The model, loaded once per process: by ``ModelPlugin.setup`` on a worker, or on first use.
 
     The card's modification time is part of the key, so a model retrained into the same
-    directory is loaded afresh by long-lived workers instead of served stale.
+    directory is loaded afresh by long-lived workers instead of served stale. ``loader``
+    (``models.load_model``, ``clip.load_clip``) says what kind of model object to build.
     """
     path = os.path.abspath(model_dir)
-    key = (path, device or pick_device(), os.stat(os.path.join(path, "model_card.json")).st_mtime_ns)
+    kind = f"{loader.__module__}.{loader.__qualname__}"
+    key = (path, device or pick_device(), kind, os.stat(os.path.join(path, "model_card.json")).st_mtime_ns)
     if key not in _LOADED:
-        for old in [k for k in _LOADED if k[:2] == key[:2]]:
+        for old in [k for k in _LOADED if k[:3] == key[:3]]:
             del _LOADED[old]  # the previous version of this model: free its memory
-        _LOADED[key] = load_model(path, device=key[1])
+        _LOADED[key] = loader(path, device=key[1])
     return _LOADED[key]
 
 
 class ModelPlugin(WorkerPlugin):
     """Loads a model on every worker when registered, so tasks never reload it.
 
-    The name is fixed per model directory and device, so registering again is a no-op.
+    The name is fixed per model directory, loader and device, so registering again is a no-op.
     """
 
-    def __init__(self, model_dir: str, device: str | None = None):
-        self.model_dir, self.device = os.path.abspath(model_dir), device
-        self.name = f"pzscale-model-{self.model_dir}-{device or 'auto'}"
+    def __init__(self, model_dir: str, device: str | None = None, loader: Callable[..., Any] = load_model):
+        self.model_dir, self.device, self.loader = os.path.abspath(model_dir), device, loader
+        self.name = f"pzscale-model-{loader.__qualname__}-{self.model_dir}-{device or 'auto'}"
 
     def setup(self, worker: Any) -> None:
         # One torch thread per Dask thread: worker processes already use every core.
         torch.set_num_threads(max(1, worker.state.nthreads))
-        model_on_worker(self.model_dir, self.device)
+        model_on_worker(self.model_dir, self.device, self.loader)
 
     def teardown(self, worker: Any) -> None:
-        for key in [k for k in _LOADED if k[:2] == (self.model_dir, self.device or pick_device())]:
+        mine = (self.model_dir, self.device or pick_device(), f"{self.loader.__module__}.{self.loader.__qualname__}")
+        for key in [k for k in _LOADED if k[:3] == mine]:
             del _LOADED[key]
 
 

@@ -26,27 +26,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from distributed import Client, get_client
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from pzscale import catalog, images
 from pzscale.clip import PROMPT, LoadedClip, load_clip, open_clip_config
 from pzscale.errors import CatalogError, InputError, StageError
-from pzscale.inference import gpu_resources, in_batches, incremental_tasks, pick_device
+from pzscale.inference import ModelPlugin, gpu_resources, in_batches, incremental_tasks, model_on_worker
 from pzscale.labels import SPLIT, targets
 from pzscale.models import ModelCard
 from pzscale.preprocess import prepare_batch
 from pzscale.progress import StageReport, run_shards
 from pzscale.schema import STATUS_OK
 
-_LOADED: dict[tuple[str, str, int], LoadedClip] = {}
 ALL_ROWS = "*"  # class-set key of a single list applied to every row
 
 
@@ -63,30 +59,8 @@ def prompts(classes: Sequence[str], template: str = PROMPT) -> list[str]:
 
 
 def clip_on_worker(model_dir: str, device: str | None = None) -> LoadedClip:
-    """The CLIP model, loaded once per process (reloaded when its card changes)."""
-    path = os.path.abspath(model_dir)
-    key = (path, device or pick_device(), os.stat(os.path.join(path, "model_card.json")).st_mtime_ns)
-    if key not in _LOADED:
-        for old in [k for k in _LOADED if k[:2] == key[:2]]:
-            del _LOADED[old]  # the previous version of this model (and its cached text features)
-        _LOADED[key] = load_clip(path, device=key[1])
-    return _LOADED[key]
-
-
-class ClipPlugin(WorkerPlugin):
-    """Loads a CLIP model on every worker when registered, so shard tasks never reload it."""
-
-    def __init__(self, model_dir: str, device: str | None = None):
-        self.model_dir, self.device = os.path.abspath(model_dir), device
-        self.name = f"pzscale-clip-{self.model_dir}-{device or 'auto'}"
-
-    def setup(self, worker: Any) -> None:
-        torch.set_num_threads(max(1, worker.state.nthreads))
-        clip_on_worker(self.model_dir, self.device)
-
-    def teardown(self, worker: Any) -> None:
-        for key in [k for k in _LOADED if k[:2] == (self.model_dir, self.device or pick_device())]:
-            del _LOADED[key]
+    """The CLIP model (with its cache of class text features), loaded once per process."""
+    return model_on_worker(model_dir, device, load_clip)
 
 
 def _text_features(model: LoadedClip, classes: tuple[str, ...], template: str) -> torch.Tensor:
@@ -213,7 +187,7 @@ def zeroshot(
     except ValueError:
         raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
     tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
-    client.register_plugin(ClipPlugin(model_dir, device))
+    client.register_plugin(ModelPlugin(model_dir, device, load_clip))
     common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
               "stage": stage, "names": n, "classes": class_sets, "template": template, "batch_size": batch_size}
     run = run_shards(client, zeroshot_shard, [{**t, **common} for t in tasks], desc="zeroshot", skipped=skipped,
