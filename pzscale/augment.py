@@ -9,14 +9,19 @@ done on the whole batch at once with the merged parameters, on the batch's devic
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import kornia.augmentation as K
 import torch
-from kornia.augmentation.container.params import ParamItem
 
-__all__ = ["augment", "make_augmentation", "seed_for", "tta_views"]
+with warnings.catch_warnings():
+    # kornia 0.8.x decorates helpers with torch.jit.script, which torch >= 2.14 reports as deprecated on import.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    import kornia.augmentation as K
+    from kornia.augmentation.container.params import ParamItem
+
+__all__ = ["SeededGaussianNoise", "augment", "make_augmentation", "seed_for", "tta_views"]
 
 # Parameter entries too big to record per image (e.g. the Gaussian noise field); the seed replays them.
 _MAX_RECORDED_VALUES = 16
@@ -57,10 +62,34 @@ def make_augmentation(
     if contrast > 0:
         ops.append(K.RandomContrast(contrast=(1.0 - contrast, 1.0 + contrast), clip_output=False, p=1.0))
     if noise_std > 0:
-        ops.append(K.RandomGaussianNoise(mean=0.0, std=noise_std, p=1.0))
+        ops.append(SeededGaussianNoise(std=noise_std))
     # Not kornia's ColorJitter: it draws one order of its sub-ops for the whole batch, which would tie an
     # image's output to the batch it is in. Separate ops have a fixed order and only per-image parameters.
     return K.AugmentationSequential(*ops, data_keys=["input"])
+
+
+class SeededGaussianNoise(K.RandomGaussianNoise):
+    """Additive Gaussian noise whose field is drawn with the other parameters, from the image's own seed.
+
+    kornia 0.8 draws the field when applying, from one stream for the whole batch, which would tie an image's
+    noise to its batch; kornia 0.9 draws it with the parameters. This behaves as 0.9 does on either release.
+    """
+
+    def __init__(self, std: float) -> None:
+        super().__init__(mean=0.0, std=std, p=1.0)
+        self.noise_std = std
+
+    def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return {"gaussian_noise": torch.randn(tuple(batch_shape)) * self.noise_std}
+
+    def apply_transform(
+        self,
+        input: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        flags: dict[str, Any],
+        transform: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return input + params["gaussian_noise"].to(device=input.device, dtype=input.dtype)
 
 
 def seed_for(image_id: str, epoch: int, seed: int = 0) -> int:
@@ -135,7 +164,9 @@ def _merge(items: tuple[ParamItem, ...], batch_shape: torch.Size) -> ParamItem:
     for key, value in first.data.items():
         if key == "forward_input_shape":
             data[key] = torch.tensor(tuple(batch_shape), dtype=value.dtype)
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == 1:
+        elif all(_per_image(item.data[key]) for item in items):
+            # kornia 0.9 draws every image's values; 0.8 only those of images the op applies to (0 or 1 rows
+            # here), and indexes them in order of the applied images, which the concatenation keeps.
             data[key] = torch.cat([item.data[key] for item in items])
         else:
             # A value shared across the batch (e.g. an op order) would make images depend on each other.
@@ -143,6 +174,10 @@ def _merge(items: tuple[ParamItem, ...], batch_shape: torch.Size) -> ParamItem:
                 raise ValueError(f"{first.name}: parameter {key!r} is drawn per batch, not per image")
             data[key] = value
     return ParamItem(first.name, data)
+
+
+def _per_image(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] <= 1
 
 
 def _record(items: Sequence[ParamItem]) -> dict[str, Any]:
