@@ -287,6 +287,8 @@ def dedup_cmd(
     method: Annotated[str, typer.Option("--method", help="comma-separated: exact, near, semantic")] = "exact,near",
     threshold: Annotated[int | None, typer.Option(
         help="near: largest pHash Hamming distance of 64 bits (default 8)")] = None,
+    similarity: Annotated[float | None, typer.Option(
+        help="near: least correlation of the pairs' DCT profiles (default 0.97; 0 = pHash bits alone)")] = None,
     bands: Annotated[int | None, typer.Option(help="near: bands the pHash is cut into (default: from N)")] = None,
     embedding: Annotated[str | None, typer.Option(
         help="semantic: emb__<model> array or model id (default: the only one)")] = None,
@@ -299,7 +301,8 @@ def dedup_cmd(
     """Group duplicate images (exact pixels, perceptual hash, embeddings); write dup_* arrays, dup_keep and reports."""
     from pzscale import dedup as stage
 
-    options = {k: v for k, v in (("near_threshold", threshold), ("eps", eps)) if v is not None}
+    options = {k: v for k, v in (("near_threshold", threshold), ("near_similarity", similarity), ("eps", eps))
+               if v is not None}
     try:
         with _client(scheduler, workers) as client:
             report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,

@@ -4,7 +4,8 @@ Phases, each on the Dask cluster:
 
 1. **Hash pass** (stage ``dedup_hash``, one task per shard, resumable and incremental after an append): decode
    every image once and store ``pixel_hash`` (blake2b-128 of the decoded pixels, dtype and shape, as two uint64:
-   re-encoded copies match, see ``imagehash``) and ``phash`` (64-bit pHash, bit-compatible with imagededup).
+   re-encoded copies match, see ``imagehash``), ``phash`` (64-bit pHash, bit-compatible with imagededup) and
+   ``phash_profile`` (the pHash's 63 DCT coefficients as a unit vector, float16).
 2. **Exact**: a dask.dataframe of (row, pixel hash) shuffled on the hash; each run of equal hashes is a group.
 3. **Near**: identical pHashes are collapsed first (so a bucket of blank frames is one node, not n^2 pairs), then
    the 64 bits are cut into ``bands`` bands and every unique hash is emitted once per *key*, a combination of
@@ -17,8 +18,12 @@ Phases, each on the Dask cluster:
    go, so memory stays bounded. A bucket's time is still quadratic in its size (look-alike images make full
    buckets), and the report gives the largest bucket and the pairs compared, so the bands can be raised.
    ``bands=None`` picks the number of bands from the number of unique hashes with a cost model (records
-   shuffled vs. pairs compared). Groups are the connected components (scipy) of the verified pairs: one int
-   per image on the client, never all pairs.
+   shuffled vs. pairs compared). The rows behind each verified pair of hashes (and rows sharing one hash) are
+   then checked on their DCT profiles: a pair is kept if the profiles correlate at ``near_similarity`` (0.97)
+   or more, since unrelated ROIs of similar shape and angle often lie within 8 bits (on synth data, pHash bits
+   alone give a pair precision of 0.3 at 16k images). Each shard task returns the profiles of its candidate
+   rows; the check runs on the client, a few million pairs at a time. Groups are the connected components
+   (scipy) of the kept pairs: one int per image on the client, never all pairs.
 4. **Semantic** (SemDeDup on a stored ``emb__<model>`` array): spherical k-means (torch, on the GPU when there is
    one) on a sample of L2-normalised embeddings, every row assigned to its nearest centroid per shard, the rows
    regrouped by cluster with a Dask array shuffle, then within each cluster cosine similarity > 1 - ``eps``
@@ -71,13 +76,18 @@ from pzscale.schema import STATUS_OK
 METHODS = ("exact", "near", "semantic")
 HASH_STAGE = "dedup_hash"
 STAGE = "dedup"
-PIXEL_HASH, PHASH, KEEP = "pixel_hash", "phash", "dup_keep"
+PIXEL_HASH, PHASH, PHASH_PROFILE, KEEP = "pixel_hash", "phash", "phash_profile", "dup_keep"
+HASH_ARRAYS = (PIXEL_HASH, PHASH, PHASH_PROFILE)  # what the hash pass writes (a marker lists them)
 GROUP = {m: f"dup_{m}" for m in METHODS}
 REPORTS = "reports/dedup"  # under the catalog's private prefix
 # Practitioners use 5-10 bits of 64 (anchors.md section 4; imagededup's default is 10). 8, because at 10 two
 # distinct ROIs of the real IFCB bin D20220522T000439_IFCB134 (distance 10) merge. pHash bits are thresholded
 # at the median of 63 coefficients, so every hash has the same number of ones and distances are even: 8 ~ 9.
 DEFAULT_NEAR_THRESHOLD = 8
+# pHash pairs within the threshold are also checked on the DCT profiles (imagehash.dct_profiles). On pzscale
+# synth data (16k images) planted near copies (rescaled, re-toned, shifted, JPEG q70) correlate at >= 0.984 and
+# unrelated look-alikes within 10 bits at <= 0.960; pHash bits alone give a pair precision of 0.3 there.
+DEFAULT_NEAR_SIMILARITY = 0.97
 DEFAULT_EPS = 0.01  # NeMo Curator's SemDeDup default: cosine > 0.99
 SPLITS = ("train", "val", "test", "unseen")
 KEEP_RULE = "has taxonomy lineage > larger image (width*height) > earlier catalog row"
@@ -192,21 +202,26 @@ def read_report(url: str, name: str, *, storage_options: dict | None = None) -> 
 
 
 def _hash_tasks(url: str, so: dict | None) -> tuple[list[dict], int]:
-    """Shards with rows not hashed yet (markers record the rows they cover, so an append only adds the tail)."""
+    """Shards with rows not hashed yet (markers record the rows they cover, so an append only adds the tail).
+
+    A marker that does not list every array of ``HASH_ARRAYS`` (a catalog hashed by an older pzscale) has the
+    whole shard hashed again, its marker replaced."""
     group = catalog.open_group(url, storage_options=so)
-    done = {s: info["rows"][1] for s, info in catalog.marker_infos(url, HASH_STAGE, storage_options=so).items()}
+    infos = catalog.marker_infos(url, HASH_STAGE, storage_options=so)
+    done = {s: info["rows"][1] for s, info in infos.items() if set(HASH_ARRAYS) <= set(info.get("arrays", ()))}
     tasks, skipped = [], 0
     for shard, start, stop in _ranges(group):
         row_from = max(start, done.get(shard, start))
         if row_from >= stop:
             skipped += 1
         else:
-            tasks.append({"shard": shard, "start": start, "row_from": row_from, "stop": stop})
+            tasks.append({"shard": shard, "start": start, "row_from": row_from, "stop": stop,
+                          "replace": shard in infos and shard not in done})
     return tasks, skipped
 
 
 def hash_shard(task: dict) -> dict:
-    """Decode rows [row_from, stop) of one shard in batches, write ``pixel_hash`` and ``phash``, then the marker."""
+    """Decode rows [row_from, stop) of one shard in batches, write the ``HASH_ARRAYS``, then the marker."""
     started = time.perf_counter()
     url, so = task["catalog"], task["storage_options"]
     group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
@@ -214,22 +229,25 @@ def hash_shard(task: dict) -> dict:
     ok = np.flatnonzero(group["status"][row_from:stop] == STATUS_OK)
     pixel = np.zeros((stop - row_from, 2), np.uint64)
     phash = np.zeros(stop - row_from, np.uint64)
+    profile = np.zeros((stop - row_from, imagehash.PROFILE_LEN), np.float16)
     for lo in range(0, len(ok), DECODE_BATCH):
         sel = ok[lo : lo + DECODE_BATCH]
         encoded = group["image_bytes"].get_orthogonal_selection((sel + row_from,))
         pixels = [images.decode(bytes(b)) for b in encoded]
         pixel[sel] = imagehash.pixel_hashes(pixels)
-        phash[sel] = imagehash.phashes(pixels)
-    new = catalog.with_stored_rows(group, start, row_from, {PIXEL_HASH: pixel, PHASH: phash})
+        phash[sel], profile[sel] = imagehash.phashes_and_profiles(pixels)
+    new = catalog.with_stored_rows(group, start, row_from, {PIXEL_HASH: pixel, PHASH: phash, PHASH_PROFILE: profile})
     catalog.write_arrays(group, start, stop, new)
-    catalog.mark_done(url, HASH_STAGE, task["shard"], {"rows": [start, stop], "computed": stop - row_from},
-                      storage_options=so)
+    catalog.mark_done(url, HASH_STAGE, task["shard"], {"rows": [start, stop], "computed": stop - row_from,
+                                                        "arrays": list(HASH_ARRAYS)},
+                      storage_options=so, replace=task.get("replace", False))
     return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
 
 
 def hash_images(url: str, *, client: Client | None = None, storage_options: dict | None = None,
                 progress: bool = True) -> StageReport:
-    """The hash pass alone (resumable): ``pixel_hash`` and ``phash`` for every row not hashed yet."""
+    """The hash pass alone (resumable): ``pixel_hash``, ``phash`` and ``phash_profile`` for every row not hashed
+    yet."""
     client = _client(client)
     group = catalog.open_group(url, mode="r+", storage_options=storage_options)
     catalog.ensure_array(group, PIXEL_HASH, dtype="uint64", fill=0, trailing=(2,), dims=("hash_word",), attrs={
@@ -237,6 +255,10 @@ def hash_images(url: str, *, client: Client | None = None, storage_options: dict
                        "0 where the row has no image"})
     catalog.ensure_array(group, PHASH, dtype="uint64", fill=0, attrs={
         "description": "64-bit pHash as imagededup.methods.PHash (first bit most significant); 0 without image"})
+    catalog.ensure_array(group, PHASH_PROFILE, dtype="float16", fill=0, trailing=(imagehash.PROFILE_LEN,),
+                         dims=("dct_coefficient",), attrs={
+        "description": "the 63 AC coefficients of the pHash's 8 x 8 DCT block, orthonormal scaling, unit length: "
+                       "dot products are correlations of low-passed thumbnails; 0 without image"})
     tasks, skipped = _hash_tasks(url, storage_options)
     common = {"catalog": url, "storage_options": storage_options}
     run = run_shards(client, hash_shard, [{**t, **common} for t in tasks], desc=HASH_STAGE, skipped=skipped,
@@ -523,8 +545,9 @@ def near_pairs(client: Client, frame: dd.DataFrame, spec: BandSpec, n_parts: int
 
 
 def near_groups(client: Client, url: str, ranges: list, ok: np.ndarray, phash: np.ndarray, threshold: int,
-                bands: int | None, so: dict | None) -> tuple[np.ndarray, dict]:
-    """Component label per row: rows whose pHashes are linked by chains of Hamming distance <= threshold."""
+                bands: int | None, similarity: float | None, so: dict | None) -> tuple[np.ndarray, dict]:
+    """Component label per row: rows linked by chains of pairs within ``threshold`` bits whose DCT profiles
+    correlate at ``similarity`` or more (no profile check when ``similarity`` is None)."""
     unique, inverse = np.unique(phash[ok], return_inverse=True)
     spec = BandSpec(threshold, bands or choose_bands(threshold, len(unique)))
     meta = pd.DataFrame({"phash": np.zeros(0, np.uint64)})
@@ -532,11 +555,105 @@ def near_groups(client: Client, url: str, ranges: list, ok: np.ndarray, phash: n
                         meta=meta, enforce_metadata=False)
     pairs, stats = near_pairs(client, frame, spec, max(1, len(ranges)))
     ia, ib = np.searchsorted(unique, pairs["a"].to_numpy()), np.searchsorted(unique, pairs["b"].to_numpy())
-    comp = components(len(unique), ia, ib, np.ones(len(unique), bool))
+    facts = {"threshold": threshold, "similarity": similarity, "bands": spec.bands, "keys": spec.n_keys,
+             "unique_hashes": len(unique), "links": len(pairs), **stats}
     labels = np.full(len(ok), -1, np.int64)
-    labels[ok] = comp[inverse]
-    return labels, {"threshold": threshold, "bands": spec.bands, "keys": spec.n_keys, "unique_hashes": len(unique),
-                    "links": len(pairs), **stats}
+    if similarity is None:
+        comp = components(len(unique), ia, ib, np.ones(len(unique), bool))
+        labels[ok] = comp[inverse]
+        return labels, facts
+    rows = np.flatnonzero(ok)
+    a, b, checked = similar_row_pairs(inverse, ia, ib, similarity,
+                                      lambda needed: _gather_profiles(client, url, ranges, rows[needed], so))
+    labels[ok] = components(len(rows), a, b, np.ones(len(rows), bool))
+    return labels, {**facts, "row_pairs_checked": checked, "row_pairs_similar": len(a)}
+
+
+def similar_row_pairs(value_of: np.ndarray, ia: np.ndarray, ib: np.ndarray, similarity: float,
+                      profiles_of: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pairs of items (rows) whose profiles correlate at ``similarity`` or more, among the candidates: items of
+    one hash value with each other, and items of values ``ia[k]`` with items of values ``ib[k]``.
+
+    ``value_of``: each item's index into the unique hashes; ``profiles_of(items)``: their (n, 63) profiles.
+    Returns (a, b, candidate pairs checked); a block of candidates larger than ``PAIR_BLOCK`` (thousands of
+    items sharing one hash, e.g. blank frames) is compared in tiles and only a spanning forest of its similar
+    pairs is kept, which links the same items.
+    """
+    by_value = np.argsort(value_of, kind="stable")
+    counts = np.bincount(value_of, minlength=int(value_of.max(initial=-1)) + 1)
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    shared = np.flatnonzero(counts > 1)
+    # blocks of candidates: (value x, value y); x == y means pairs within one value
+    bx, by = np.r_[shared, ia].astype(np.int64), np.r_[shared, ib].astype(np.int64)
+    size = counts[bx] * counts[by]
+    if not len(bx):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    needed_values = np.unique(np.r_[bx, by])
+    needed = np.concatenate([by_value[first[v] : first[v] + counts[v]] for v in needed_values])
+    needed.sort()
+    profile = profiles_of(needed)  # float16, rows of ``needed``
+    slot = lambda items: np.searchsorted(needed, items)  # noqa: E731
+
+    def similar(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        pa, pb = profile[slot(a)].astype(np.float32), profile[slot(b)].astype(np.float32)
+        return np.einsum("ij,ij->i", pa, pb) >= similarity
+
+    out_a, out_b, checked = [], [], 0
+    small = np.flatnonzero(size <= PAIR_BLOCK)
+    # expand the small blocks' cross products a few million pairs at a time
+    ends = np.cumsum(size[small])
+    lo = 0
+    while lo < len(small):
+        hi = int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + PAIR_BLOCK, side="right"))
+        hi = max(hi, lo + 1)
+        blocks = small[lo:hi]
+        n = size[blocks]
+        block = np.repeat(np.arange(len(blocks)), n)
+        t = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        cy = counts[by[blocks]][block]
+        i, j = t // cy, t % cy
+        same = bx[blocks][block] == by[blocks][block]
+        keep = ~same | (i < j)
+        a = by_value[first[bx[blocks]][block] + i][keep]
+        b = by_value[first[by[blocks]][block] + j][keep]
+        checked += len(a)
+        close = similar(a, b)
+        out_a.append(a[close])
+        out_b.append(b[close])
+        lo = hi
+    for k in np.flatnonzero(size > PAIR_BLOCK):
+        xs = by_value[first[bx[k]] : first[bx[k]] + counts[bx[k]]]
+        ys = by_value[first[by[k]] : first[by[k]] + counts[by[k]]]
+        forest_a, forest_b = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for i0 in range(0, len(xs), TILE):
+            px = profile[slot(xs[i0 : i0 + TILE])].astype(np.float32)
+            for j0 in range(0, len(ys), TILE):
+                sim = px @ profile[slot(ys[j0 : j0 + TILE])].astype(np.float32).T
+                checked += sim.size
+                ii, jj = np.nonzero(sim >= similarity)
+                a, b = xs[ii + i0], ys[jj + j0]
+                forest_a, forest_b = np.r_[forest_a, a[a != b]], np.r_[forest_b, b[a != b]]
+                if len(forest_a):  # a spanning forest after every tile: memory stays linear in the block
+                    forest_a, forest_b = _forest(forest_a, forest_b)
+        out_a.append(forest_a)
+        out_b.append(forest_b)
+    return np.concatenate(out_a), np.concatenate(out_b), checked
+
+
+def _shard_profiles(start: int, stop: int, url: str, rows: np.ndarray, so: dict | None) -> np.ndarray:
+    group = catalog.open_group(url, storage_options=so, check=False)
+    return group[PHASH_PROFILE][start:stop][rows - start]
+
+
+def _gather_profiles(client: Client, url: str, ranges: list, rows: np.ndarray, so: dict | None) -> np.ndarray:
+    """``phash_profile`` of sorted catalog ``rows``: each shard task reads its shard once and returns its rows."""
+    futures = []
+    for _, start, stop in ranges:
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            futures.append(client.submit(_shard_profiles, start, stop, url, rows[lo:hi], so, pure=False))
+    parts = client.gather(futures)
+    return np.concatenate(parts) if parts else np.zeros((0, imagehash.PROFILE_LEN), np.float16)
 
 
 # ---------------------------------------------------------------- semantic: SemDeDup
@@ -800,6 +917,7 @@ def dedup(
     *,
     methods: str | tuple[str, ...] | list[str] = ("exact", "near"),
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+    near_similarity: float | None = DEFAULT_NEAR_SIMILARITY,
     bands: int | None = None,
     embedding: str | None = None,
     eps: float = DEFAULT_EPS,
@@ -811,19 +929,23 @@ def dedup(
 ) -> DedupReport:
     """Find duplicate groups with each method, write ``dup_<method>`` and ``dup_keep``, and the report tables.
 
-    ``near_threshold``: the largest Hamming distance (of 64 bits) between near duplicates; ``bands``: how many
+    ``near_threshold``: the largest Hamming distance (of 64 bits) between near duplicates; ``near_similarity``:
+    the least correlation of their DCT profiles (``imagehash.dct_profiles``; None or 0: pHash bits alone, as
+    imagededup; flat images have no profile and are then never near duplicates); ``bands``: how many
     bands the pHash is cut into (default: chosen from the number of unique hashes, always > threshold);
     ``embedding``: the ``emb__<model>`` array (or model id) for ``semantic`` (default: the only one);
     ``eps``: rows with cosine similarity > 1 - eps are semantic duplicates; ``n_clusters``: k-means clusters
     (default sqrt of the rows embedded). The hash pass resumes from its markers; the grouping is recomputed.
     """
     with _quiet_shuffle_log():
-        return _dedup(url, methods=methods, near_threshold=near_threshold, bands=bands, embedding=embedding, eps=eps,
+        return _dedup(url, methods=methods, near_threshold=near_threshold, near_similarity=near_similarity or None,
+                      bands=bands, embedding=embedding, eps=eps,
                       n_clusters=n_clusters, seed=seed, client=client, storage_options=storage_options,
                       progress=progress)
 
 
-def _dedup(url: str, *, methods: Any, near_threshold: int, bands: int | None, embedding: str | None, eps: float,
+def _dedup(url: str, *, methods: Any, near_threshold: int, near_similarity: float | None, bands: int | None,
+           embedding: str | None, eps: float,
            n_clusters: int | None, seed: int, client: Client | None, storage_options: dict | None,
            progress: bool) -> DedupReport:
     started = time.perf_counter()
@@ -833,6 +955,8 @@ def _dedup(url: str, *, methods: Any, near_threshold: int, bands: int | None, em
         raise InputError(f"eps {eps}: must be between 0 and 2 (cosine similarity > 1 - eps)")
     if not 0 <= near_threshold < 64:
         raise InputError(f"near threshold {near_threshold}: must be between 0 and 63 bits")
+    if near_similarity is not None and not 0 < near_similarity <= 1:
+        raise InputError(f"near similarity {near_similarity}: must be between 0 and 1 (a correlation)")
     if bands is not None and not near_threshold < bands <= 64:
         raise InputError(f"near bands {bands}: must be more than the threshold ({near_threshold}) and at most 64, "
                          "or the pigeonhole guarantee is lost")
@@ -855,7 +979,8 @@ def _dedup(url: str, *, methods: Any, near_threshold: int, bands: int | None, em
         labels, facts["exact"] = exact_groups(client, url, ranges, n_rows, ok, so)
         group_of["exact"] = kept_rows(labels, order, rank)
     if "near" in chosen:
-        labels, facts["near"] = near_groups(client, url, ranges, ok, info["phash"], near_threshold, bands, so)
+        labels, facts["near"] = near_groups(client, url, ranges, ok, info["phash"], near_threshold, bands,
+                                                near_similarity, so)
         group_of["near"] = kept_rows(labels, order, rank)
     if "semantic" in chosen:
         group_of["semantic"], similarity, facts["semantic"] = semantic_groups(
@@ -864,7 +989,8 @@ def _dedup(url: str, *, methods: Any, near_threshold: int, bands: int | None, em
     a = np.concatenate([np.flatnonzero(g >= 0) for g in group_of.values()])
     b = np.concatenate([g[g >= 0] for g in group_of.values()])
     keep = (kept_rows(components(n_rows, a, b, ok), order, rank) == np.arange(n_rows)) & ok
-    params = {"methods": list(chosen), "near_threshold": near_threshold, "bands": facts.get("near", {}).get("bands"),
+    params = {"methods": list(chosen), "near_threshold": near_threshold, "near_similarity": near_similarity,
+              "bands": facts.get("near", {}).get("bands"),
               "embedding": name, "eps": eps, "n_clusters": facts.get("semantic", {}).get("n_clusters"),
               "seed": seed, "keep_rule": KEEP_RULE}
     _write_groups_and_keep(client, url, group, ranges, group_of, keep, params, so, progress)
@@ -889,8 +1015,10 @@ def _write_groups_and_keep(client: Client, url: str, group: Any, ranges: list, g
     """Create the output arrays on the client, then write them one task per shard."""
     attrs = {
         "exact": {"description": "dedup group (row of the kept row) by pixel hash; -1 without image"},
-        "near": {"description": "dedup group (row of the kept row) by pHash Hamming distance; -1 without image",
-                 "threshold": params["near_threshold"], "bands": params["bands"]},
+        "near": {"description": "dedup group (row of the kept row) by pHash Hamming distance and DCT profile "
+                                "correlation; -1 without image",
+                 "threshold": params["near_threshold"], "similarity": params["near_similarity"],
+                 "bands": params["bands"]},
         "semantic": {"description": "dedup group (row of the kept row) by SemDeDup on an embedding; -1 without "
                                     "image or embedding", "embedding": params["embedding"], "eps": params["eps"],
                      "n_clusters": params["n_clusters"]},
