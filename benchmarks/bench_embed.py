@@ -1,11 +1,14 @@
-"""Embedding throughput of the embed stage against a bare torch loop (the ceiling).
+"""Embedding and classification throughput of the embed and classify stages against a bare torch loop.
 
 The ceiling runs the same model, batch size and torch threads over tensors preloaded in
 memory (decoded, letterboxed, normalised beforehand); pzscale's ``embed`` stage reads the
 catalog, decodes, letterboxes, runs the model and writes float16 embeddings, on a
 LocalCluster of 1 and 2 worker processes (one torch thread each). Two models: the built-in
 CNN at 64 px (decode-bound) and an open_clip ViT-B-16 at 224 px with random weights (the
-Planktonzilla architecture; compute-bound). Writes ``benchmarks/results/embed--<host>--<device>.json``.
+Planktonzilla architecture; compute-bound). ``classify`` runs the built-in CNN with a linear head over
+Planktonzilla's 602 classes (7-rank lineages): its ceiling is the same loop through the head, softmax and
+top-k; the stage also derives per-rank predictions and writes them. Writes
+``benchmarks/results/embed--<host>--<device>.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save, stats  # noqa: E402
 
 from pzscale import catalog, images  # noqa: E402
+from pzscale.classify import classify  # noqa: E402
 from pzscale.embed import embed  # noqa: E402
 from pzscale.inference import autocast  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
@@ -35,12 +39,14 @@ from pzscale.models import (  # noqa: E402
     builtin_backbone,
     import_checkpoint,
     load_model,
+    make_head,
     save_model,
 )
 from pzscale.preprocess import prepare_batch  # noqa: E402
 from pzscale.synth import synth  # noqa: E402
 
 HERE = Path(__file__).parent
+N_CLASSES = 602  # Planktonzilla's harmonised classes
 
 
 def make_models(work: Path) -> dict[str, str]:
@@ -54,22 +60,30 @@ def make_models(work: Path) -> dict[str, str]:
     torch.save(vit.state_dict(), work / "vit.pt")
     import_checkpoint(work / "vit.pt", kind="open_clip", architecture="ViT-B-16", out_dir=work / "vit",
                       name="bench-vit-b-16", version="random")
-    return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit")}
+    classes = [f"Eukaryota;Phylum{i % 7};Class{i % 23};Order{i % 61};Family{i % 151};Genus{i % 307};Species{i}"
+               for i in range(N_CLASSES)]
+    head_dir = str(work / "cnn-head")
+    save_model(head_dir, ModelCard(name="bench-cnn-head", version="1", kind="builtin", architecture="pzcnn-small",
+                                   embed_dim=128, image_size=64, mean=(0.5,) * 3, std=(0.25,) * 3, classes=classes,
+                                   head="linear"), builtin_backbone(128), make_head("linear", 128, N_CLASSES))
+    return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit"), "classify-builtin-cnn-64": head_dir}
 
 
 def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int, device: str,
-              precision: str = "fp32") -> float:
+              precision: str = "fp32", top_k: int = 0) -> float:
+    """Images/s of the model alone on preloaded batches; with ``top_k``, through the head, softmax and top-k."""
     torch.set_num_threads(threads)
     model = load_model(model_dir, device=device)
     card = model.card
     batches = [prepare_batch(pixels[i:i + batch_size], size=card.image_size, mean=card.mean, std=card.std,
                              device=device)[0] for i in range(0, len(pixels), batch_size)]
     with torch.no_grad(), autocast(device, precision):
-        model.embed(batches[0])  # warm-up
+        run = (lambda x: torch.topk(model.logits(x).softmax(-1), top_k)) if top_k else model.embed  # noqa: E731
+        run(batches[0])  # warm-up
         _sync(device)
         start = time.perf_counter()
         for x in batches:
-            model.embed(x)
+            run(x)
         _sync(device)  # the timed region ends when the device has finished
     return len(pixels) / (time.perf_counter() - start)
 
@@ -89,8 +103,9 @@ def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int,
                 copy = f"{tmp}/cat.zarr"
                 shutil.copytree(url, copy)
                 start = time.perf_counter()
-                embed(copy, model_dir, client=client, batch_size=batch_size, device=device, precision=precision,
-                      progress=False)
+                stage_fn = classify if ModelCard.load(model_dir).head else embed
+                stage_fn(copy, model_dir, client=client, batch_size=batch_size, device=device, precision=precision,
+                         progress=False)
                 rates.append(n / (time.perf_counter() - start))
     return rates
 
@@ -105,7 +120,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU: use --workers 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 bf16 fp16 (autocast)")
-    parser.add_argument("--models", nargs="+", default=["builtin-cnn-64", "open_clip-ViT-B-16-224"])
+    parser.add_argument("--models", nargs="+",
+                        default=["builtin-cnn-64", "open_clip-ViT-B-16-224", "classify-builtin-cnn-64"])
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=HERE / "data"))
@@ -130,14 +146,15 @@ def main() -> None:
                 key = label if precision == "fp32" else f"{label}-{precision}"
                 res = results["results"][key] = {}
                 for workers in args.workers:
-                    bare = [bare_loop(model_dir, pixels, args.batch_size, workers, args.device, precision)
+                    top_k = 5 if label.startswith("classify") else 0
+                    bare = [bare_loop(model_dir, pixels, args.batch_size, workers, args.device, precision, top_k)
                             for _ in range(args.repeats)]
                     piped = stage(url, model_dir, workers, args.batch_size, args.repeats, n, args.device, precision)
                     ratio = statistics.median(piped) / statistics.median(bare)
                     res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
                                           "ratio": ratio}
                     results["summary"].append({
-                        "stage": "embed", "model": key, "workers": workers, "images": n,
+                        "stage": "classify" if top_k else "embed", "model": key, "workers": workers, "images": n,
                         "device": args.device.split(":")[0], "images_per_s": statistics.median(piped),
                         "ceiling_ratio": ratio, "ceiling_target": 0.9, "precision": precision})
                     print(key, workers, json.dumps(res[f"{workers}w"]), flush=True)

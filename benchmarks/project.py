@@ -91,13 +91,16 @@ def suite_tables() -> None:
         replace_block("dedup", [
             "| machine | candidates at N (s) | at 4N (s) | time 4N/N | imagededup on encodings at "
             f"{peer['target_hashes']:,} (s) | pzscale (s) | speed-up | end to end {e2e['images']:,} images: "
-            "imagededup (s) | pzscale (s) | near recall imagededup / pzscale |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "imagededup (s) | pzscale 2 workers (s) | pzscale 1 worker (s) | near recall imagededup / pzscale "
+            "| pair precision imagededup / pzscale |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {label(m)} | {small['seconds']:.2f} ({int(n):,}) | {large['seconds']:.2f} ({int(n4):,}) "
             f"| {large['seconds'] / small['seconds']:.1f} | {peer['imagededup_s_at_target_extrapolated']:,.0f} "
             f"(extrapolated N^{peer['imagededup_growth_exponent']:.1f}) | {peer['pzscale_s_at_target_measured']:.1f} "
             f"| {peer['speedup_at_target']:.0f}x | {e2e['imagededup_s']:.1f} | {e2e['pzscale_s']:.1f} "
-            f"| {e2e['recall_near_imagededup']:.2f} / {e2e['recall_near_pzscale']:.2f} |"])
+            f"| {e2e['pzscale_1_worker_s']:.1f} "
+            f"| {e2e['recall_near_imagededup']:.2f} / {e2e['recall_near_pzscale']:.2f} "
+            f"| {e2e['pair_precision_imagededup']:.2f} / {e2e['pair_precision_pzscale_groups']:.2f} |"])
     for data in load("env")[-1:]:
         r = data["results"]
         replace_block("env", [

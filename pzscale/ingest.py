@@ -154,7 +154,10 @@ def _number(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """Values as float64 and a mask of non-empty entries that did not parse as numbers."""
     if column not in table.column_names:
         return np.full(table.num_rows, np.nan), np.zeros(table.num_rows, bool)
-    raw = table.column(column).to_pandas()
+    col = table.column(column)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):  # nothing to parse: no text to check
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(len(col), bool)
+    raw = col.to_pandas()
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype="float64", na_value=np.nan, copy=True)
     given = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
     return values, given & np.isnan(values)
@@ -250,15 +253,16 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
     aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce").to_numpy("float64", na_value=np.nan)
     whole = np.isfinite(aphia) & (aphia > 0) & (aphia < 2**53) & (aphia == np.round(aphia))  # else no id (0)
     out["aphia_id"] = np.where(whole, aphia, 0).astype(np.int64)
-    out["lineage"] = np.array(
-        [lineage(ranks) for ranks in zip(*(out[r] for r in RANKS), strict=True)], dtype=object
-    )
+    # a shard holds few distinct rank tuples and sources: each is worked out once
+    rank_rows = list(zip(*(out[r] for r in RANKS), strict=True))
+    lineages = {ranks: lineage(ranks) for ranks in set(rank_rows)}
+    out["lineage"] = np.array([lineages[ranks] for ranks in rank_rows], dtype=object)
     given = _text(table, "lineage")  # sources with a lineage text but no ranks (WebDataset)
     use_given = (out["lineage"] == "") & (given != "")
     out["lineage"][use_given] = [" ".join(g.lower().split()) for g in given[use_given]]
     known = _text(table, "instrument")  # the reader's word first, else the source name's
-    out["instrument"] = np.array([k or instrument_of(s) for k, s in zip(known, out["source"], strict=True)],
-                                 dtype=object)
+    families = {s: instrument_of(s) for s in set(out["source"])}
+    out["instrument"] = np.array([k or families[s] for k, s in zip(known, out["source"], strict=True)], dtype=object)
     out["image_id"] = np.array(
         [
             f"{src}:{obj or os.path.basename(path) or fallback}"
