@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU: use --workers 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 bf16 fp16 (autocast)")
+    parser.add_argument("--label", default="", help="saved as results/embed--<host>--<device>-<label>.json, "
+                                                     "beside the other runs instead of over them")
     parser.add_argument("--models", nargs="+",
                         default=["builtin-cnn-64", "open_clip-ViT-B-16-224", "classify-builtin-cnn-64"])
     args = parser.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
                         "device": args.device.split(":")[0], "images_per_s": statistics.median(piped),
                         "ceiling_ratio": ratio, "ceiling_target": 0.9, "precision": precision})
                     print(key, workers, json.dumps(res[f"{workers}w"]), flush=True)
-        out = save("embed", results, args.device)
+        out = save("embed", results, f"{args.device}-{args.label}" if args.label else args.device)
         render_readme()
         print(f"wrote {out}")
     finally:
@@ -171,15 +173,17 @@ def _device_name(device: str) -> str:
 
 def render_readme() -> None:
     """Rewrite the embed table in benchmarks/README.md from every embed JSON under results/."""
-    rows = ["| machine | device | model | workers | bare torch loop img/s | pzscale embed img/s | ratio |",
-            "|---|---|---|---:|---:|---:|---:|"]
+    rows = ["| machine | device | model | images (shard) | workers | bare torch loop img/s | pzscale stage img/s "
+            "| ratio |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
     for path in sorted((HERE / "results").glob("embed--*.json")):
         data = json.loads(path.read_text())
         m = data["metadata"]
         for model, per_workers in data["results"].items():
             for workers, r in per_workers.items():
                 rows.append(f"| {m['machine']['cpus']} CPU, {m['machine']['commit']} | {m['device']} | {model} "
-                            f"| {workers[:-1]} | {r['bare_loop_images_per_s']['median']:,.1f} "
+                            f"| {m['images']:,} ({m['shard_len']:,}) | {workers[:-1]} "
+                            f"| {r['bare_loop_images_per_s']['median']:,.1f} "
                             f"| {r['pzscale_images_per_s']['median']:,.1f} | {r['ratio']:.2f} |")
     readme = HERE / "README.md"
     text = readme.read_text()

@@ -1,5 +1,6 @@
 """Split -> train -> embed/classify -> evaluate on synthetic data, on CPU, on real clusters."""
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from distributed import Client, LocalCluster
 
 from pzscale import catalog, open_catalog
 from pzscale.classify import classify, names, predictions
+from pzscale.dedup import DEFAULT_EPS, dedup
 from pzscale.embed import embed
 from pzscale.evaluate import evaluate, scores
 from pzscale.inference import in_batches
@@ -89,6 +91,30 @@ def test_embeddings_identical_with_one_and_two_workers(trained, tmp_path):
     np.testing.assert_array_equal(results[0], results[1])
     ok = open_catalog(url)["status"].values == "ok"
     assert np.isfinite(results[0][ok]).all() and np.isnan(results[0][~ok]).all()
+
+
+def test_semantic_dedup_on_the_trained_models_embeddings(trained, synth_dir, client, tmp_path):
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(trained[0], url)
+    model_dir, card = trained[1], trained[2]
+    embed(url, model_dir, client=client, progress=False)
+    report = dedup(url, methods="semantic", client=client, progress=False)
+    ds = open_catalog(url)[["image_id", "status", "dup_semantic", f"emb__{card.id}"]].compute()
+    groups, ok = ds["dup_semantic"].values, ds["status"].values == "ok"
+    assert (groups[~ok] == -1).all() and (groups[ok] >= 0).all()
+    row = {k: i for i, k in enumerate(ds["image_id"].values)}
+    truth = json.loads((synth_dir / "truth.json").read_text())
+    exact = [(row[d["copy_of"]], row[d["image_id"]]) for d in truth["duplicates"] if d["kind"] == "exact"]
+    assert all(groups[a] == groups[b] for a, b in exact)  # the same pixels embed the same
+    # every grouped row has a partner in its group above the threshold, by an independent cosine
+    x = ds[f"emb__{card.id}"].values[ok].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sim, g = x @ x.T, groups[ok]
+    np.fill_diagonal(sim, -1)
+    same = g[:, None] == g[None, :]
+    grouped = np.bincount(g)[g] > 1
+    assert ((sim * same).max(axis=1)[grouped] > 1 - DEFAULT_EPS - 1e-5).all()  # float32 vs float64 rounding
+    assert report.per_method["semantic"]["duplicates"] == int(grouped.sum() - len(np.unique(g[grouped])))
 
 
 def test_reclassify_after_append_computes_only_new_rows(trained, client, tmp_path):
