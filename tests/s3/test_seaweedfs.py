@@ -56,6 +56,7 @@ def test_two_writers_on_disjoint_shards_lose_nothing(weed_catalog, seaweedfs, s3
     assert catalog.checksums(url, storage_options=so) == s3_reference[1]
     group = catalog.open_group(url, mode="r+", storage_options=so)
     catalog.ensure_array(group, "probe", dtype="int64", fill=-1)
+    client.wait_for_workers(2, timeout=60)  # a worker killed by an earlier test may still be restarting
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     assert len(workers) == 2
     overlapped = 0
@@ -98,6 +99,7 @@ def test_a_second_done_marker_fails_cleanly(weed_catalog, seaweedfs, s3_synth, c
     _check_create_only_markers(str(tmp_path / "local.zarr"), None)  # O_EXCL on local disk
 
     # two workers race to mark the same shards: exactly one wins each, and its marker stays
+    client.wait_for_workers(2, timeout=60)
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     start_at = time.time() + 1.0
     futures = {(shard, attempt): client.submit(_mark_at, url, "race", shard, attempt, start_at, so,
