@@ -80,9 +80,8 @@ def low_dct(thumbnails: np.ndarray) -> np.ndarray:
     return scipy.fft.dct(scipy.fft.dct(x, axis=1), axis=2)[:, :PHASH_LOW, :PHASH_LOW]
 
 
-def phash_bits(thumbnails: np.ndarray, coef: np.ndarray | None = None) -> np.ndarray:
-    """pHash bits (n, 8, 8) bool of a stack of (n, 32, 32) grey thumbnails (or of their ``low_dct``)."""
-    coef = low_dct(thumbnails) if coef is None else coef
+def phash_bits(coef: np.ndarray) -> np.ndarray:
+    """pHash bits (n, 8, 8) bool from ``low_dct`` coefficients: each coefficient >= the median of the 63 AC."""
     flat = coef.reshape(len(coef), -1)
     median = np.median(flat[:, 1:], axis=1)
     return (coef >= median[:, None, None])
@@ -108,7 +107,7 @@ def phashes_and_profiles(batch: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nd
     if not len(batch):
         return np.zeros(0, np.uint64), np.zeros((0, PROFILE_LEN), np.float32)
     coef = low_dct(np.stack([grey_thumbnail(p) for p in batch]))
-    return pack_bits(phash_bits(None, coef)), dct_profiles(coef)
+    return pack_bits(phash_bits(coef)), dct_profiles(coef)
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -119,10 +118,7 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
 
 def phashes(batch: Sequence[np.ndarray]) -> np.ndarray:
     """64-bit pHash of every image (n,) uint64."""
-    if not len(batch):
-        return np.zeros(0, np.uint64)
-    thumbs = np.stack([grey_thumbnail(p) for p in batch])
-    return pack_bits(phash_bits(thumbs))
+    return phashes_and_profiles(batch)[0]
 
 
 def to_hex(value: int | np.integer) -> str:

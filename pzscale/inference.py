@@ -69,6 +69,20 @@ class ModelPlugin(WorkerPlugin):
             del _LOADED[key]
 
 
+def load_on_workers(client: Any, plugin: ModelPlugin) -> None:
+    """Register the model plugin, so every worker (and every worker that joins later) loads it once.
+
+    A model that fails to load is unregistered before its error is raised: the scheduler would
+    otherwise replay it on every worker that starts later (a nanny's restart included).
+    """
+    try:
+        client.register_plugin(plugin)
+    except Exception:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(plugin.name)
+        raise
+
+
 def in_batches(fn: Callable[[int, int], Any], n: int, batch_size: int) -> list[Any]:
     """``fn(start, stop)`` over ``range(n)`` in batches; on CUDA out-of-memory the batch is
     halved and retried (down to one image), never failed."""
@@ -221,7 +235,7 @@ def run_model_stage(url: str, model_dir: str, shard_fn: Callable[[dict], dict], 
     except ValueError:
         raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
     tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
-    client.register_plugin(ModelPlugin(model_dir, device))
+    load_on_workers(client, ModelPlugin(model_dir, device))
     common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
               "stage": stage, **params}
     run = run_shards(client, shard_fn, [{**t, **common} for t in tasks], desc=stage.split("/")[0], skipped=skipped,

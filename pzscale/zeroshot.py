@@ -36,7 +36,14 @@ from distributed import Client, get_client
 from pzscale import catalog, images
 from pzscale.clip import PROMPT, LoadedClip, load_clip, open_clip_config
 from pzscale.errors import CatalogError, InputError, StageError
-from pzscale.inference import ModelPlugin, gpu_resources, in_batches, incremental_tasks, model_on_worker
+from pzscale.inference import (
+    ModelPlugin,
+    gpu_resources,
+    in_batches,
+    incremental_tasks,
+    load_on_workers,
+    model_on_worker,
+)
 from pzscale.labels import SPLIT, targets
 from pzscale.models import ModelCard
 from pzscale.preprocess import prepare_batch
@@ -187,7 +194,7 @@ def zeroshot(
     except ValueError:
         raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
     tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
-    client.register_plugin(ModelPlugin(model_dir, device, load_clip))
+    load_on_workers(client, ModelPlugin(model_dir, device, load_clip))
     common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
               "stage": stage, "names": n, "classes": class_sets, "template": template, "batch_size": batch_size}
     run = run_shards(client, zeroshot_shard, [{**t, **common} for t in tasks], desc="zeroshot", skipped=skipped,

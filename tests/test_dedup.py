@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import get_client
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -231,7 +230,7 @@ def test_exact_groups_are_the_planted_exact_copies(deduped):
     assert len(cross) == (pairs["source_a"] != pairs["source_b"]).sum() > 0
 
 
-def test_near_groups_equal_brute_force_union_find_of_the_stored_phash(deduped):
+def test_near_groups_equal_brute_force_union_find_of_the_stored_phash(deduped, client):
     url, report, truth = deduped
     ds = open_catalog(url)[["image_id", "status", "phash", "dup_near"]].compute()
     ok = ds["status"].values == "ok"
@@ -254,7 +253,7 @@ def test_near_groups_equal_brute_force_union_find_of_the_stored_phash(deduped):
     assert facts["row_pairs_checked"] >= facts["row_pairs_similar"] == np.triu(close & similar, 1).sum()
     # without the profile check: the components of the pHash bits alone, found on the unique hashes
     ranges = catalog.shard_ranges(0, len(ok), catalog.metadata(catalog.open_group(url))["shard_len"])
-    bits_only, _ = dd.near_groups(get_client(), url, ranges, ok, phash, dd.DEFAULT_NEAR_THRESHOLD, None, None, None)
+    bits_only, _ = dd.near_groups(client, url, ranges, ok, phash, dd.DEFAULT_NEAR_THRESHOLD, None, None, None)
     assert same_partition(bits_only[ok], brute_components(unique, dd.DEFAULT_NEAR_THRESHOLD)[inverse])
     assert len(np.unique(bits_only[ok])) < len(np.unique(near[ok]))  # the check split some groups
     # every planted copy within the threshold of its original is found (what a pHash can find)

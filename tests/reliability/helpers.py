@@ -5,7 +5,6 @@ The tally lives here, not in conftest.py, so that the tests and the summary hook
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,18 +71,3 @@ TALLY = Tally()
 def image_ids(url: str, storage_options: dict | None = None) -> np.ndarray:
     return catalog.open_group(url, storage_options=storage_options)["image_id"][:]
 
-
-def wait_for_workers(client, n: int = 2, timeout: float = 60.0) -> None:
-    """Leave the session cluster as found: a crashed worker is restarted by its nanny. Waits until ``n``
-    workers have been registered unchanged for a second, so that a killed worker the scheduler has not
-    dropped yet is not counted as one of them."""
-    client.wait_for_workers(n, timeout=timeout)
-    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
-    while time.monotonic() < deadline:
-        workers = set(client.scheduler_info(n_workers=-1)["workers"])
-        if workers != last:
-            last, since = workers, time.monotonic()
-        elif len(workers) >= n and time.monotonic() - since >= 1.0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"the session cluster did not settle on {n} workers in {timeout:.0f} s (has {len(last)})")

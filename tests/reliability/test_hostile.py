@@ -301,3 +301,6 @@ def test_pickled_checkpoint_is_refused_on_the_workers(small_clean, client, tmp_p
         embed(url, str(model_dir), client=client, progress=False)
     assert not marker.exists()
     assert not catalog.stages_done(url).get(f"embed/{card.id}")
+    # unregistered, or every worker started later (a nanny's restart too) would load it again
+    registered = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    assert not [name for name in registered if "evil_model" in name]

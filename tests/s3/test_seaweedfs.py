@@ -56,7 +56,7 @@ def test_two_writers_on_disjoint_shards_lose_nothing(weed_catalog, seaweedfs, s3
     assert catalog.checksums(url, storage_options=so) == s3_reference[1]
     group = catalog.open_group(url, mode="r+", storage_options=so)
     catalog.ensure_array(group, "probe", dtype="int64", fill=-1)
-    client.wait_for_workers(2, timeout=60)  # a worker killed by an earlier test may still be restarting
+    client.wait_for_workers(2, timeout=60)  # the test needs both workers
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     assert len(workers) == 2
     overlapped = 0
