@@ -17,6 +17,13 @@ from pzscale.errors import PzscaleError
 
 KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 
+# Set in every local worker process before it starts (a variable already in the environment wins).
+# numpy asks the kernel for transparent huge pages on every array of 4 MB or more; with THP defrag
+# "madvise" (a common default) each fresh huge page may wait for memory compaction. A shard write
+# builds ~100 MB buffers (zarr's shard of image bytes): 0.15-0.2 s of kernel time per shard with huge
+# pages, 0.05 s without, on the benchmark VM (benchmarks/README.md). The same line is in the manifests.
+WORKER_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+
 
 def connect(
     address: str | None = None,
@@ -55,15 +62,17 @@ def connect(
     kind = "local-cuda" if cuda and address in (None, "local") else (address or "local")
     if kind == "local":
         # The client owns the LocalCluster it starts here, so closing the client stops it.
-        client = Client(
-            n_workers=n_workers or os.cpu_count() or 1,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            memory_limit=memory_limit,
-            dashboard_address="127.0.0.1:0",  # local only; never exposed on other interfaces
-        )
+        with worker_environment():
+            client = Client(
+                n_workers=n_workers or os.cpu_count() or 1,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address="127.0.0.1:0",  # local only; never exposed on other interfaces
+            )
     elif kind == "local-cuda":
-        client = Client(local_cuda_cluster(memory_limit=memory_limit))
+        with worker_environment():
+            client = Client(local_cuda_cluster(memory_limit=memory_limit))
     elif kind == "kubernetes":
         client = Client(kubernetes_cluster(manifest=manifest, name=name, namespace=namespace, n_workers=n_workers,
                                            adapt=adapt, quiet=quiet))
@@ -79,6 +88,14 @@ def connect(
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         print(f"dask: {workers} worker(s), dashboard {client.dashboard_link}")
     return client
+
+
+def worker_environment() -> Any:
+    """Dask config adding ``WORKER_ENV`` to what nannies set before spawning a worker process."""
+    import dask
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_ENV}
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
 
 def _missing_extra(what: str, extra: str, error: Exception) -> PzscaleError:

@@ -30,6 +30,19 @@ def test_a_local_cluster_and_an_address_both_print_the_dashboard_link(capsys):
     assert re.fullmatch(r"dask: 1 worker\(s\), dashboard http://\S+/status\n", by_address)
 
 
+def _worker_memory_settings() -> tuple[bool, str | None]:
+    from numpy._core import multiarray
+
+    return multiarray._get_madvise_hugepage(), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_local_workers_start_without_numpy_huge_pages_and_keep_dasks_own_settings():
+    with connect("local", n_workers=1, quiet=True) as client:
+        (huge_pages, malloc_trim), = client.run(_worker_memory_settings).values()
+    assert huge_pages is False
+    assert malloc_trim is not None  # Dask's own pre-spawn setting is kept beside pzscale's
+
+
 def test_an_unknown_cluster_kind_lists_the_known_ones():
     with pytest.raises(PzscaleError, match=r"unknown cluster 'kubernets': use one of local, local-cuda, kubernetes, "
                                            r"gateway or a scheduler address"):
