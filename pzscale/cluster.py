@@ -20,7 +20,7 @@ KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 # Set in every local worker process before it starts (a variable already in the environment wins).
 # numpy asks the kernel for transparent huge pages on every array of 4 MB or more; with THP defrag
 # "madvise" (a common default) each fresh huge page may wait for memory compaction. A shard write
-# builds ~100 MB buffers (zarr's shard of image bytes): 0.15-0.2 s of kernel time per shard with huge
+# builds ~100 MB buffers (zarr's shard of image bytes): 0.17-0.23 s of kernel time per shard with huge
 # pages, 0.05 s without, on the benchmark VM (benchmarks/README.md). The same line is in the manifests.
 WORKER_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
 

@@ -156,7 +156,9 @@ def _number(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
         return np.full(table.num_rows, np.nan), np.zeros(table.num_rows, bool)
     col = table.column(column)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):  # nothing to parse: no text to check
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(len(col), bool)
+        # unsafe: an integer beyond 2**53 becomes the nearest float (as pandas would), not an error
+        values = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False).astype(np.float64)
+        return values, np.zeros(len(col), bool)
     raw = col.to_pandas()
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype="float64", na_value=np.nan, copy=True)
     given = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()

@@ -94,3 +94,20 @@ def test_unparsable_values_are_flagged_not_silently_dropped():
     cols = columns_from_table(table, row_names=["x#0", "x#1"])
     assert cols["qc"][0] == "" and cols["lat"][0] == 12.5
     assert np.isnan(cols["lat"][1]) and cols["qc"][1] == "lat_unparsed;time_unparsed"
+
+
+def test_integer_columns_beyond_float_precision_are_read_not_refused():
+    """Found by the fuzz suite: an int64 column holding 2**53 + 1 made Arrow's safe cast raise."""
+    big = 2**53 + 1
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(), "path": None}] * 2,
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "dataset": ["s", "s"], "ObjID": ["1", "2"],
+        "Depth_min": pa.array([big, 7], pa.int64()), "Depth_max": pa.array([big, 7], pa.int64()),
+        "Latitude": pa.array([10, 20], pa.int64()), "Longitude": pa.array([-big, 30], pa.int64()),
+    })
+    cols = columns_from_table(table, row_names=["x#0", "x#1"])
+    assert cols["depth_max"][1] == 7.0 and cols["lat"][1] == 20.0 and cols["lon"][1] == 30.0
+    assert np.isnan(cols["lon"][0]) and np.isnan(cols["depth_max"][0])  # read, then range-checked
+    assert cols["qc"][0] == "position_out_of_range;depth_out_of_range"
+    assert cols["qc"][1] == ""

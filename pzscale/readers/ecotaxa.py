@@ -292,6 +292,8 @@ def read_table(handle: IO[bytes], encoding: str, *, first: int = 0, stop: int | 
     checkpoint = first // offset_every if offsets else 0
     if checkpoint:  # seek to a recorded row start (no quotes nor blank lines there), parse from it
         names = list(parse_tsv(handle, encoding, nrows=0).columns)
+        if wanted:  # by name: with a callable, a row with more cells than names makes the parser raise IndexError
+            kw["usecols"] = [name for name in names if name in wanted]
         handle.seek(offsets[checkpoint])
         table = parse_tsv(handle, encoding, header=None, names=names,
                           skiprows=first - checkpoint * offset_every, **kw)

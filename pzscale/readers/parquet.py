@@ -42,6 +42,9 @@ class ParquetReader(Reader):
             else:
                 with fsspec.open(item.source, "rb", **(storage_options or {})) as fh:
                     table = pq.ParquetFile(fh, pre_buffer=True).read_row_groups(groups, columns=columns)
+            # parquet does not check text on read: a corrupt page can hold invalid UTF-8 that only
+            # fails later, in the middle of a shard task (found by tests/reliability/test_fuzz.py)
+            table.validate(full=True)
         except (pa.ArrowException, OSError, ValueError, IndexError, KeyError) as e:
             if is_transient(e) or isinstance(e, InputError):
                 raise

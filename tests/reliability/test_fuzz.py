@@ -309,3 +309,30 @@ def test_single_byte_corruptions_of_a_parquet_footer_are_input_errors(tmp_path):
             outcomes.add("refused")
     _count("parquet footer bytes")
     assert "refused" in outcomes
+
+
+def test_a_row_with_extra_cells_read_from_a_checkpoint_is_the_rows_own_value(tmp_path, monkeypatch):
+    """A window starting at a recorded row offset once raised IndexError inside pandas when a row had more
+    cells than the header (the columns were picked by a callable); the whole-table read had worked."""
+    monkeypatch.setattr(ecotaxa, "CHECKPOINT", 2)
+    path = tmp_path / "ecotaxa_extra.tsv"
+    path.write_bytes(_tsv(["img_file_name"], [["", ""], ["a.png"], ["a.png"], ["", ""]], False, "utf-8", "\n"))
+    (tmp_path / "a.png").write_bytes(_png())
+    reader = readers.get("ecotaxa")
+    [item] = reader.plan(str(path))
+    whole = reader.read(item, 0, item.rows).to_pylist()
+    assert [reader.read(item, i, i + 1).to_pylist() for i in range(item.rows)] == [[row] for row in whole]
+    _count("ecotaxa tsv")
+
+
+def test_invalid_utf8_in_a_parquet_text_column_is_an_input_error_naming_the_file(tmp_path):
+    """A flipped byte in a dictionary page once left invalid UTF-8 that pyarrow read without a word and
+    that failed the shard task later, while converting the column to Python strings."""
+    path = tmp_path / "part.parquet"
+    bad = pa.array([b"ok", b"\xff\xfe"], pa.binary()).view(pa.string())  # as a corrupt page decodes
+    pq.write_table(_planktonzilla_table(2, original_label=bad), path)
+    reader = readers.get("parquet")
+    [item] = reader.plan(str(path))
+    with pytest.raises(PzscaleError, match=r"part\.parquet: cannot read rows 0-2 \(.*UTF8"):
+        reader.read(item, 0, item.rows)
+    _count("parquet files")
