@@ -1,12 +1,16 @@
 """Shared fixtures.
 
 - ``client``: one distributed LocalCluster of 2 worker processes for the session.
+- ``own_client``: the same, for one test (tests that kill workers).
 - ``synth_dir``: a synthetic Planktonzilla collection (parquet + truth.json), made once.
 - ``clean_catalog``: that collection ingested without interruption, and its checksums;
   the reference that interrupted, resumed and appended runs are compared with.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from distributed import Client, LocalCluster
@@ -19,10 +23,24 @@ SHARD_LEN = 64
 N_IMAGES = 1200
 
 
-@pytest.fixture(scope="session")
-def client():
+@contextmanager
+def _two_workers() -> Iterator[Client]:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def client():
+    with _two_workers() as c:
+        yield c
+
+
+@pytest.fixture
+def own_client():
+    """Two worker processes for one test: tests that kill workers use it, so that a worker that does
+    not come back never leaves a later test short."""
+    with _two_workers() as c:
         yield c
 
 

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-from distributed import Client, LocalCluster
 
 from pzscale import catalog
 from pzscale.ingest import ingest, make_plan
@@ -30,29 +29,27 @@ def _wait_for(predicate, timeout=120.0, every=0.005):
     return False
 
 
-def test_worker_killed_mid_ingest_gives_identical_catalog(synth_dir, clean_catalog, tmp_path):
+def test_worker_killed_mid_ingest_gives_identical_catalog(synth_dir, clean_catalog, own_client, tmp_path):
     _, clean_report, clean_sums = clean_catalog
     url = str(tmp_path / "cat.zarr")
     stage = f"ingest/{make_plan([str(synth_dir)], shard_len=SHARD_LEN).id}"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        pids = client.run(os.getpid)
-        result, errors = [], []
+    pids = own_client.run(os.getpid)
+    result, errors = [], []
 
-        def run():
-            try:
-                result.append(ingest([str(synth_dir)], url, shard_len=SHARD_LEN, client=client, progress=False))
-            except Exception as e:  # surfaced below
-                errors.append(e)
+    def run():
+        try:
+            result.append(ingest([str(synth_dir)], url, shard_len=SHARD_LEN, client=own_client, progress=False))
+        except Exception as e:  # surfaced below
+            errors.append(e)
 
-        thread = threading.Thread(target=run)
-        thread.start()
-        assert _wait_for(lambda: len(catalog.done_shards(url, stage)) >= 1)
-        busy = [addr for addr, keys in client.processing().items() if keys] or list(pids)
-        done_at_kill = len(catalog.done_shards(url, stage))
-        os.kill(pids[busy[0]], signal.SIGKILL)
-        thread.join(timeout=300)
-        assert not errors, errors
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert _wait_for(lambda: len(catalog.done_shards(url, stage)) >= 1)
+    busy = [addr for addr, keys in own_client.processing().items() if keys] or list(pids)
+    done_at_kill = len(catalog.done_shards(url, stage))
+    os.kill(pids[busy[0]], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not errors, errors
     assert done_at_kill < clean_report.shards_total, "the kill came after the ingest had finished"
     assert result[0].shards_written == clean_report.shards_total
     assert catalog.checksums(url) == clean_sums

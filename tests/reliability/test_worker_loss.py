@@ -6,7 +6,7 @@ The worker is lost at the worst moment on purpose: ``faulty://`` ends the worker
 starts a new process and Dask runs the shard again elsewhere. (A SIGKILL at a random moment of an
 ingest, and a whole CLI job killed, are in tests/test_resume.py.)
 
-Each test has a cluster of its own: a nanny's restart can race with the scheduler, and a worker
+Each test has a cluster of its own (``own_client``): a nanny's restart can race with the scheduler, and a worker
 that does not come back must not leave later tests with one worker.
 """
 
@@ -17,7 +17,6 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from distributed import Client, LocalCluster
 
 from pzscale import catalog, models
 from pzscale.classify import classify
@@ -26,13 +25,6 @@ from pzscale.ingest import ingest
 from tests.reliability.helpers import SHARD_LEN, image_ids
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]  # a lost job fails, not hangs
-
-
-@pytest.fixture
-def own_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 def faulty(path) -> str:
