@@ -7,6 +7,11 @@
 - pzscale: ``ingest()`` end to end (plan, decode, write Zarr shards and markers) on a
   LocalCluster of 1 and 2 worker processes, at two input sizes.
 
+Each repeat is a round that runs every contender once, and ratios are medians of the per-round
+ratios. Peak worker memory is sampled in untimed ingests: one before the rounds (the first at the
+first size runs on fresh workers) and one after them (steady state, the figure compared across
+sizes).
+
 Writes ``benchmarks/results/ingest--<host>--cpu.json`` and rewrites the table in
 ``benchmarks/README.md``.  Run: ``make bench`` (quick) or ``make bench-full``.
 """
@@ -17,18 +22,20 @@ import argparse
 import io
 import json
 import multiprocessing as mp
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 from common import HERE, WorkerMemory, cluster, machine, save, stats
 from distributed import Client
 from PIL import Image
 
 from pzscale.catalog import DEFAULT_SHARD_LEN
+from pzscale.cluster import WORKER_ENV
 from pzscale.ingest import ingest
 from pzscale.synth import synth
 
@@ -79,6 +86,18 @@ def row_groups(folder: Path) -> list[tuple[str, int]]:
             for rg in range(pq.ParquetFile(p).num_row_groups)]
 
 
+def worker_pool(processes: int) -> mp.pool.Pool:
+    """A spawn pool whose processes start with the environment pzscale's local workers get
+    (``pzscale.cluster.WORKER_ENV``: allocator settings), so the ceiling is measured under them too."""
+    saved = os.environ.copy()
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    try:
+        return mp.get_context("spawn").Pool(processes)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def ceiling(pool: mp.pool.Pool, folder: Path) -> float:
     start = time.perf_counter()
     n = sum(pool.map(_decode_row_group, row_groups(folder), chunksize=1))
@@ -108,21 +127,20 @@ def peer(folder: Path) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
+def pzscale_ingest(client: Client, folder: Path, n: int, shard_len: int) -> float:
+    with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
+        start = time.perf_counter()
+        ingest([str(folder)], f"{tmp}/catalog.zarr", shard_len=shard_len, client=client, progress=False)
+        return n / (time.perf_counter() - start)
 
 
-def pzscale_ingest(client: Client, folder: Path, n: int, repeats: int, shard_len: int) -> dict:
-    rates = []
-    baseline = max(client.run(_rss).values())
+def peak_memory(client: Client, folder: Path, n: int, shard_len: int) -> int:
+    """Peak worker RSS over one untimed ingest. The sampler takes each worker's GIL 200 times a
+    second, so the timed runs go without it."""
     memory = WorkerMemory(client)
     memory.start()
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
-            start = time.perf_counter()
-            ingest([str(folder)], f"{tmp}/catalog.zarr", shard_len=shard_len, client=client, progress=False)
-            rates.append(n / (time.perf_counter() - start))
-    return {"images_per_s": stats(rates), "worker_rss_start_bytes": baseline, "worker_peak_rss_bytes": memory.peak()}
+    pzscale_ingest(client, folder, n, shard_len)
+    return memory.peak()
 
 
 def main() -> None:
@@ -133,30 +151,60 @@ def main() -> None:
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
     results: dict = {"metadata": {"machine": machine(), "suite": "ingest", "shard_len": args.shard_len,
-                                  "sizes": args.sizes, "repeats": args.repeats}, "results": {}, "summary": []}
+                                  "sizes": args.sizes, "repeats": args.repeats, "worker_env": WORKER_ENV,
+                                  "order": "interleaved: each round runs every contender once; ratios are "
+                                           "medians of the per-round ratios"},
+                     "results": {}, "summary": []}
     folders = {n: dataset(n) for n in args.sizes}
-    for n, folder in folders.items():
-        res = results["results"][str(n)] = {}
-        print(f"--- {n} images", flush=True)
-        with mp.get_context("spawn").Pool(2) as pool:
-            pool.map(_decode_row_group, row_groups(folder)[:2])  # warm the pool
-            res["ceiling_decode_2proc"] = stats([ceiling(pool, folder) for _ in range(args.repeats)])
-            res["ceiling_decode_write_2proc"] = stats([io_ceiling(pool, folder) for _ in range(args.repeats)])
-        res["peer_single_process"] = stats([peer(folder) for _ in range(args.repeats)])
-        for workers in (1, 2):
-            with cluster(workers) as client:
-                res[f"pzscale_{workers}w"] = pzscale_ingest(client, folder, n, args.repeats, args.shard_len)
-        c, p = res["ceiling_decode_2proc"]["median"], res["peer_single_process"]["median"]
-        one, two = res["pzscale_1w"]["images_per_s"]["median"], res["pzscale_2w"]["images_per_s"]["median"]
-        cw = res["ceiling_decode_write_2proc"]["median"]
-        res["ratios"] = {"pzscale_2w_over_ceiling": two / c, "pzscale_2w_over_decode_write_ceiling": two / cw,
-                         "pzscale_2w_over_peer": two / p, "scaling_efficiency_2w": two / (2 * one)}
-        for workers, rate in ((1, one), (2, two)):
-            results["summary"].append({
-                "stage": "ingest", "workers": workers, "images": n, "device": "cpu", "images_per_s": rate,
-                "ceiling_ratio": rate / c, "ceiling_target": 0.7, "peer_ratio": rate / p,
-                "peak_rss_bytes": res[f"pzscale_{workers}w"]["worker_peak_rss_bytes"]})
-        print(json.dumps(res, indent=1), flush=True)
+    with worker_pool(2) as pool, cluster(1) as one, cluster(2) as two:
+        pool.map(_decode_row_group, row_groups(folders[args.sizes[0]])[:2])  # warm the pool
+        for n, folder in folders.items():
+            print(f"--- {n} images", flush=True)
+            # untimed and sampled: warms the workers (imports) and gives the peak of workers that
+            # are fresh at the first size
+            first = {w: peak_memory(c, folder, n, args.shard_len) for w, c in ((1, one), (2, two))}
+            # Interleaved rounds: this VM's speed drifts by several percent within minutes, and a
+            # ratio is only as good as the pairing of what it divides.
+            rounds = []
+            for _ in range(args.repeats):
+                rounds.append({
+                    "ceiling_decode_2proc": ceiling(pool, folder),
+                    "ceiling_decode_write_2proc": io_ceiling(pool, folder),
+                    "peer_single_process": peer(folder),
+                    "pzscale_1w": pzscale_ingest(one, folder, n, args.shard_len),
+                    "pzscale_2w": pzscale_ingest(two, folder, n, args.shard_len),
+                })
+                print({k: round(v) for k, v in rounds[-1].items()}, flush=True)
+            # steady state: workers that have run every round (allocators keep what a shard needs)
+            steady = {w: peak_memory(c, folder, n, args.shard_len) for w, c in ((1, one), (2, two))}
+            res = results["results"][str(n)] = {k: stats([r[k] for r in rounds]) for k in rounds[0]}
+            for workers in (1, 2):
+                res[f"pzscale_{workers}w"] = {"images_per_s": res[f"pzscale_{workers}w"],
+                                              "worker_peak_rss_bytes": steady[workers],
+                                              "worker_peak_rss_first_run_bytes": first[workers]}
+
+            def paired(fn, rounds=rounds) -> float:
+                return statistics.median(fn(r) for r in rounds)
+
+            res["ratios"] = {
+                "pzscale_2w_over_ceiling": paired(lambda r: r["pzscale_2w"] / r["ceiling_decode_2proc"]),
+                "pzscale_2w_over_decode_write_ceiling":
+                    paired(lambda r: r["pzscale_2w"] / r["ceiling_decode_write_2proc"]),
+                "pzscale_2w_over_peer": paired(lambda r: r["pzscale_2w"] / r["peer_single_process"]),
+                "scaling_efficiency_2w": paired(lambda r: r["pzscale_2w"] / (2 * r["pzscale_1w"])),
+                "pzscale_1w_over_ceiling": paired(lambda r: r["pzscale_1w"] / r["ceiling_decode_2proc"]),
+                "pzscale_1w_over_peer": paired(lambda r: r["pzscale_1w"] / r["peer_single_process"]),
+                "pzscale_2w_over_ceiling_per_round": stats([r["pzscale_2w"] / r["ceiling_decode_2proc"]
+                                                            for r in rounds]),
+            }
+            for workers in (1, 2):
+                results["summary"].append({
+                    "stage": "ingest", "workers": workers, "images": n, "device": "cpu",
+                    "images_per_s": res[f"pzscale_{workers}w"]["images_per_s"]["median"],
+                    "ceiling_ratio": res["ratios"][f"pzscale_{workers}w_over_ceiling"], "ceiling_target": 0.7,
+                    "peer_ratio": res["ratios"][f"pzscale_{workers}w_over_peer"],
+                    "peak_rss_bytes": res[f"pzscale_{workers}w"]["worker_peak_rss_bytes"]})
+            print(json.dumps(res, indent=1), flush=True)
     small, large = (results["results"][str(n)]["pzscale_2w"]["worker_peak_rss_bytes"] for n in args.sizes)
     results["memory_growth_large_over_small"] = large / small
     out = save("ingest", results)

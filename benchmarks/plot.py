@@ -6,6 +6,8 @@ Reads the ``summary`` entries of the newest result of each suite (CPU runs) and 
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -29,7 +31,7 @@ def main() -> None:
     entries = newest_entries()
     if not entries:
         raise SystemExit("no results with ratios yet: run the suites first")
-    labels = [f"{e['stage']}\n{e.get('model', '')}".strip() for e in entries]
+    labels = [textwrap.fill(f"{e['stage']} {e.get('model', '')}".strip(), 18) for e in entries]
     x = np.arange(len(entries))
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(entries)), 4))
     ceiling = [e.get("ceiling_ratio") or 0 for e in entries]

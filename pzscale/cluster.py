@@ -18,11 +18,23 @@ from pzscale.errors import PzscaleError
 KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 
 # Set in every local worker process before it starts (a variable already in the environment wins).
-# numpy asks the kernel for transparent huge pages on every array of 4 MB or more; with THP defrag
-# "madvise" (a common default) each fresh huge page may wait for memory compaction. A shard write
-# builds ~100 MB buffers (zarr's shard of image bytes): 0.17-0.23 s of kernel time per shard with huge
-# pages, 0.05 s without, on the benchmark VM (benchmarks/README.md). The same line is in the manifests.
-WORKER_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+# - numpy asks the kernel for transparent huge pages on every array of 4 MB or more; with THP defrag
+#   "madvise" (a common default) each fresh huge page may wait for memory compaction: 0.17-0.23 s of
+#   kernel time per shard write (~100 MB buffers) with huge pages, 0.05 s without.
+# - Freed memory stays in the worker: every shard task needs the same ~200 MB again (parquet columns,
+#   image bytes, zarr's shard buffer), and handing it back to the kernel after each task (Dask's trim
+#   threshold, glibc's mmap for blocks over 32 MB and its heap per thread, Arrow's mimalloc purging
+#   after 10 ms) makes the kernel supply and zero it again for the next shard: 540,000 page faults
+#   and ~1.3 s of kernel time per 131,072 images ingested on 2 workers, ~2,000 faults with these
+#   settings. The price: a worker's RSS stays near its peak between tasks (~1 GB at the default
+#   shard length), far below a local worker's memory limit. Figures: benchmarks/README.md.
+WORKER_ENV = {
+    "NUMPY_MADVISE_HUGEPAGE": "0",
+    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: zarr's thread frees what the task thread reuses
+    "MALLOC_MMAP_THRESHOLD_": str(2**30),  # blocks up to 1 GiB come from the heap, not a fresh mmap
+    "MALLOC_TRIM_THRESHOLD_": str(2**32),  # and the heap is not trimmed after each task (Dask: 64 KiB)
+    "MIMALLOC_PURGE_DELAY": "-1",  # Arrow's allocator keeps its freed pages too
+}
 
 
 def connect(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pzscale.cluster import connect, load_manifest
+from pzscale.cluster import WORKER_ENV, connect, load_manifest
 from pzscale.errors import PzscaleError
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "kubernetes"
@@ -30,17 +30,25 @@ def test_a_local_cluster_and_an_address_both_print_the_dashboard_link(capsys):
     assert re.fullmatch(r"dask: 1 worker\(s\), dashboard http://\S+/status\n", by_address)
 
 
-def _worker_memory_settings() -> tuple[bool, str | None]:
+def _worker_memory_settings() -> tuple[bool, dict, int]:
+    import numpy as np
+    import psutil
     from numpy._core import multiarray
 
-    return multiarray._get_madvise_hugepage(), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    before = psutil.Process().memory_info().rss
+    block = np.ones(64 << 20, np.uint8)  # over glibc's largest default mmap threshold (32 MiB)
+    del block
+    kept = psutil.Process().memory_info().rss - before
+    return multiarray._get_madvise_hugepage(), {k: os.environ.get(k) for k in WORKER_ENV}, kept
 
 
-def test_local_workers_start_without_numpy_huge_pages_and_keep_dasks_own_settings():
+def test_local_workers_start_without_numpy_huge_pages_and_keep_freed_memory(monkeypatch):
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "10")  # a user's own setting wins
     with connect("local", n_workers=1, quiet=True) as client:
-        (huge_pages, malloc_trim), = client.run(_worker_memory_settings).values()
+        (huge_pages, environ, kept), = client.run(_worker_memory_settings).values()
     assert huge_pages is False
-    assert malloc_trim is not None  # Dask's own pre-spawn setting is kept beside pzscale's
+    assert environ == {**WORKER_ENV, "MIMALLOC_PURGE_DELAY": "10"}
+    assert kept > 32 << 20  # the freed 64 MiB block stayed in the worker's heap for the next task
 
 
 def test_an_unknown_cluster_kind_lists_the_known_ones():
