@@ -90,7 +90,7 @@ def worker_pool(processes: int) -> mp.pool.Pool:
     """A spawn pool whose processes start with the environment pzscale's local workers get
     (``pzscale.cluster.WORKER_ENV``: allocator settings), so the ceiling is measured under them too."""
     saved = os.environ.copy()
-    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    os.environ.update(WORKER_ENV)
     try:
         return mp.get_context("spawn").Pool(processes)
     finally:

@@ -7,7 +7,9 @@ Stages never import this module: they take the ``Client`` it returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from pzscale.errors import PzscaleError
 
 KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 
-# Set in every local worker process before it starts (a variable already in the environment wins).
+# Set in every local worker process before it starts (``connect(worker_env=...)`` changes them).
 # - numpy asks the kernel for transparent huge pages on every array of 4 MB or more; with THP defrag
 #   "madvise" (a common default) each fresh huge page may wait for memory compaction: 0.17-0.23 s of
 #   kernel time per shard write (~100 MB buffers) with huge pages, 0.05 s without.
@@ -50,6 +52,7 @@ def connect(
     gateway_address: str | None = None,
     options: dict | None = None,
     adapt: tuple[int, int] | None = None,
+    worker_env: dict[str, str] | None = None,
     quiet: bool = False,
 ) -> Client:
     """A Dask client for pzscale stages; prints the worker count and the dashboard link.
@@ -70,11 +73,15 @@ def connect(
     - ``"gateway"``: a dask-gateway cluster at ``gateway_address`` (default: the ``gateway.address``
       Dask config, set by daskhub), a new one with ``options`` or an existing one by ``name``;
       ``n_workers`` scales it, ``adapt`` makes it adaptive.
+
+    Local workers (and local CUDA workers) start with ``worker_env`` (default ``WORKER_ENV``:
+    allocator settings; ``{}`` for Dask's own); other kinds take their environment from their
+    manifests.
     """
     kind = "local-cuda" if cuda and address in (None, "local") else (address or "local")
     if kind == "local":
         # The client owns the LocalCluster it starts here, so closing the client stops it.
-        with worker_environment():
+        with worker_environment(worker_env):
             client = Client(
                 n_workers=n_workers or os.cpu_count() or 1,
                 threads_per_worker=threads_per_worker,
@@ -83,7 +90,7 @@ def connect(
                 dashboard_address="127.0.0.1:0",  # local only; never exposed on other interfaces
             )
     elif kind == "local-cuda":
-        with worker_environment():
+        with worker_environment(worker_env):
             client = Client(local_cuda_cluster(memory_limit=memory_limit))
     elif kind == "kubernetes":
         client = Client(kubernetes_cluster(manifest=manifest, name=name, namespace=namespace, n_workers=n_workers,
@@ -102,12 +109,31 @@ def connect(
     return client
 
 
-def worker_environment() -> Any:
-    """Dask config adding ``WORKER_ENV`` to what nannies set before spawning a worker process."""
+@contextlib.contextmanager
+def worker_environment(env: dict[str, str] | None = None) -> Iterator[None]:
+    """Workers started inside this block get ``env`` (default ``WORKER_ENV``) on top of what Dask's
+    nannies set before spawning a worker process.
+
+    A nanny lets a variable already in this process's environment win over its config, and writes
+    its own pre-spawn variables into this environment when it starts a worker, so after any plain
+    LocalCluster, Dask's ``MALLOC_TRIM_THRESHOLD_=65536`` would silently win. The variables are
+    therefore also set in this process for the duration of the block, and put back after it.
+    """
     import dask
 
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_ENV}
-    return dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+    env = WORKER_ENV if env is None else env
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _missing_extra(what: str, extra: str, error: Exception) -> PzscaleError:

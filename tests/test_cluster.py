@@ -43,12 +43,22 @@ def _worker_memory_settings() -> tuple[bool, dict, int]:
 
 
 def test_local_workers_start_without_numpy_huge_pages_and_keep_freed_memory(monkeypatch):
-    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "10")  # a user's own setting wins
+    # what a Dask nanny leaves in its process's environment after starting any plain LocalCluster
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with connect("local", n_workers=1, quiet=True) as client:
         (huge_pages, environ, kept), = client.run(_worker_memory_settings).values()
     assert huge_pages is False
-    assert environ == {**WORKER_ENV, "MIMALLOC_PURGE_DELAY": "10"}
+    assert environ == WORKER_ENV
     assert kept > 32 << 20  # the freed 64 MiB block stayed in the worker's heap for the next task
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is put back
+
+
+def test_local_workers_take_the_environment_they_are_given():
+    with connect("local", n_workers=1, quiet=True, worker_env={"MIMALLOC_PURGE_DELAY": "10"}) as client:
+        (_, environ, kept), = client.run(_worker_memory_settings).values()
+    assert environ["MIMALLOC_PURGE_DELAY"] == "10"
+    assert environ["MALLOC_ARENA_MAX"] is None
+    assert kept < 32 << 20  # Dask's own settings: the freed block went back to the kernel
 
 
 def test_an_unknown_cluster_kind_lists_the_known_ones():
