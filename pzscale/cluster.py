@@ -27,12 +27,12 @@ KINDS = ("local", "local-cuda", "kubernetes", "gateway")
 #   image bytes, zarr's shard buffer), and handing it back to the kernel after each task (Dask's trim
 #   threshold, glibc's mmap for blocks over 32 MB and its heap per thread, Arrow's mimalloc purging
 #   after 10 ms) makes the kernel supply and zero it again for the next shard: 540,000 page faults
-#   and ~1.3 s of kernel time per 131,072 images ingested on 2 workers, ~2,000 faults with these
-#   settings. The price: a worker's RSS stays near its peak between tasks (~1 GB at the default
+#   and 3.6 s of kernel time per 131,072 images ingested on 2 workers; ~2,000 faults and 2.0 s with
+#   these settings, +10% images/s. The price: a worker's RSS stays near its peak between tasks (~1 GB at the default
 #   shard length), far below a local worker's memory limit. Figures: benchmarks/README.md.
 WORKER_ENV = {
     "NUMPY_MADVISE_HUGEPAGE": "0",
-    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: zarr's thread frees what the task thread reuses
+    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena mmaps big blocks afresh
     "MALLOC_MMAP_THRESHOLD_": str(2**30),  # blocks up to 1 GiB come from the heap, not a fresh mmap
     "MALLOC_TRIM_THRESHOLD_": str(2**32),  # and the heap is not trimmed after each task (Dask: 64 KiB)
     "MIMALLOC_PURGE_DELAY": "-1",  # Arrow's allocator keeps its freed pages too
