@@ -31,6 +31,7 @@ from common import machine, save, stats  # noqa: E402
 
 from pzscale import catalog, images  # noqa: E402
 from pzscale.classify import classify  # noqa: E402
+from pzscale.cluster import connect  # noqa: E402
 from pzscale.embed import embed  # noqa: E402
 from pzscale.inference import autocast  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
@@ -96,8 +97,9 @@ def _sync(device: str) -> None:
 def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int, device: str,
           precision: str = "fp32") -> list[float]:
     rates = []
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
-            Client(c) as client:
+    # the cluster users get (pzscale.cluster.connect: WORKER_ENV's allocator settings); run this script
+    # with the same variables in its environment so that the bare loop has them too
+    with connect(n_workers=workers, quiet=True) as client:
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
                 copy = f"{tmp}/cat.zarr"
