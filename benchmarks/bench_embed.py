@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,7 +32,7 @@ from common import machine, save, stats  # noqa: E402
 
 from pzscale import catalog, images  # noqa: E402
 from pzscale.classify import classify  # noqa: E402
-from pzscale.cluster import connect  # noqa: E402
+from pzscale.cluster import WORKER_ENV, connect  # noqa: E402
 from pzscale.embed import embed  # noqa: E402
 from pzscale.inference import autocast  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
@@ -97,8 +98,7 @@ def _sync(device: str) -> None:
 def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int, n: int, device: str,
           precision: str = "fp32") -> list[float]:
     rates = []
-    # the cluster users get (pzscale.cluster.connect: WORKER_ENV's allocator settings); run this script
-    # with the same variables in its environment so that the bare loop has them too
+    # the cluster users get (pzscale.cluster.connect: WORKER_ENV's allocator settings)
     with connect(n_workers=workers, quiet=True) as client:
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
@@ -113,6 +113,10 @@ def stage(url: str, model_dir: str, workers: int, batch_size: int, repeats: int,
 
 
 def main() -> None:
+    # The bare loop runs in this process: start it again with the workers' allocator settings (glibc
+    # reads them at process start), so that both sides of the ratio run under them.
+    if any(os.environ.get(k) != v for k, v in WORKER_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_ENV})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)

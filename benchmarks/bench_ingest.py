@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import multiprocessing as mp
-import os
 import shutil
 import statistics
 import tempfile
@@ -35,7 +34,7 @@ from distributed import Client
 from PIL import Image
 
 from pzscale.catalog import DEFAULT_SHARD_LEN
-from pzscale.cluster import WORKER_ENV
+from pzscale.cluster import WORKER_ENV, worker_environment
 from pzscale.ingest import ingest
 from pzscale.synth import synth
 
@@ -89,13 +88,8 @@ def row_groups(folder: Path) -> list[tuple[str, int]]:
 def worker_pool(processes: int) -> mp.pool.Pool:
     """A spawn pool whose processes start with the environment pzscale's local workers get
     (``pzscale.cluster.WORKER_ENV``: allocator settings), so the ceiling is measured under them too."""
-    saved = os.environ.copy()
-    os.environ.update(WORKER_ENV)
-    try:
+    with worker_environment():
         return mp.get_context("spawn").Pool(processes)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def ceiling(pool: mp.pool.Pool, folder: Path) -> float:
