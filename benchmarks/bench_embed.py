@@ -34,9 +34,9 @@ from pzscale import catalog, images  # noqa: E402
 from pzscale.classify import classify  # noqa: E402
 from pzscale.cluster import WORKER_ENV, connect  # noqa: E402
 from pzscale.embed import embed  # noqa: E402
-from pzscale.inference import autocast  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
-from pzscale.models import (  # noqa: E402
+from pzscale.ml.inference import autocast  # noqa: E402
+from pzscale.ml.models import (  # noqa: E402
     ModelCard,
     builtin_backbone,
     import_checkpoint,
@@ -44,7 +44,7 @@ from pzscale.models import (  # noqa: E402
     make_head,
     save_model,
 )
-from pzscale.preprocess import prepare_batch  # noqa: E402
+from pzscale.ml.preprocess import prepare_batch  # noqa: E402
 from pzscale.synth import synth  # noqa: E402
 
 HERE = Path(__file__).parent

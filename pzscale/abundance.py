@@ -1,8 +1,10 @@
 """Taxon abundance on a grid: image counts per taxon, time bin and lat/lon cell, and a map.
 
-The counts are a flox groupby-sum over the catalog opened lazily with Dask (one chunk per
-shard, so one task per shard, partial counts combined by flox's map-reduce); the bins are
-pandas intervals (``cell_deg`` degrees, a pandas frequency such as ``"1MS"`` for time).
+Two passes of one read task per shard (``stage.map_shards``: storage faults retried per shard):
+the first finds the taxa, the extent and the sampled volumes, the second counts the images of
+each (taxon, time bin, cell) that occurs, a small table per shard summed on the client, so a
+worker's memory does not grow with the grid. The bins are left-closed (``cell_deg`` degrees, a
+pandas frequency such as ``"1MS"`` for time); volumes per cell are a flox groupby-sum.
 Images count when their status is ok, they have a taxon at the rank (the catalog's own
 annotation, or a model's prediction at least ``min_prob`` probable), a position and a time.
 
@@ -24,17 +26,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-import dask
 import flox.xarray
 import fsspec
 import numpy as np
 import pandas as pd
 import xarray as xr
+from distributed import Client
 
-from pzscale import catalog, grids
+from pzscale import grids
 from pzscale.errors import CatalogError, InputError
-from pzscale.schema import RANKS, STATUS_OK, TIME_FILL
+from pzscale.schema import RANKS, STATUS_OK, TIME_FILL, predicting_models, prediction_name
+from pzscale.stage import Catalog, map_shards
 
 TAXON_RANKS = (*RANKS, "lineage")
 
@@ -49,8 +53,7 @@ def taxon_names(values: np.ndarray, words: int) -> np.ndarray:
 
 
 def model_ids(ds: xr.Dataset) -> list[str]:
-    return sorted({str(v).split("__")[1] for v in ds.data_vars if str(v).startswith("pred__") and
-                   str(v).endswith("__label")})
+    return predicting_models({str(v) for v in ds.data_vars})
 
 
 def taxon_column(ds: xr.Dataset, rank: str, *, model: str | None = None, min_prob: float = 0.0,
@@ -68,8 +71,7 @@ def taxon_column(ds: xr.Dataset, rank: str, *, model: str | None = None, min_pro
         binomial = rank == "species"
         taxon = xr.where(ds["species"] != "", ds["genus"] + " " + ds["species"], "") if binomial else ds[rank]
         return xr.where(ok, taxon, "").astype(object)
-    prefix = f"pred__{model}__"
-    label, prob = (prefix + "label", prefix + "prob") if rank == "lineage" else (prefix + rank, f"{prefix}{rank}_prob")
+    label, prob = _taxon_arrays(rank, model)
     if label not in ds or prob not in ds:
         raise CatalogError(f"{where}: no predictions {label}/{prob}; models with predictions here: {model_ids(ds)}")
     if rank == "lineage":
@@ -107,16 +109,61 @@ def _time_edges(t0_ms: float, t1_ms: float, time_bin: str) -> pd.DatetimeIndex:
     return edges
 
 
-def _samples_shard(url: str, start: int, stop: int, storage_options: dict | None) -> pd.DataFrame:
-    """Distinct samples with a known volume among a shard's rows (IFCB bins: one row per bin)."""
-    group = catalog.open_group(url, storage_options=storage_options, check=False)
-    cols = catalog.read_rows(group, start, stop, ["source", "time", "lat", "lon", "depth_min", "depth_max",
-                                                  "volume_analysed", "status"])
-    frame = pd.DataFrame(cols)
+POINT_COLUMNS = ("status", "lat", "lon", "time", "volume_analysed", "source", "depth_min", "depth_max")
+
+
+def _taxon_arrays(rank: str, model: str | None) -> list[str]:
+    """The arrays ``taxon_column`` reads for a rank, from the annotations or a model's predictions."""
+    if model is not None:
+        keys = ("label", "prob") if rank == "lineage" else (rank, f"{rank}_prob")
+        return [prediction_name(model, key) for key in keys]
+    return ["genus", "species"] if rank == "species" else [rank]
+
+
+def _points(cat: Catalog, start: int, stop: int, rank: str, model: str | None, min_prob: float,
+            present: list[str]) -> pd.DataFrame:
+    """A shard's images as rows (taxon, time in ms, lat, lon in -180..180, volume ...); taxon '' when not counted."""
+    missing = [n for n in _taxon_arrays(rank, model) if n not in present]
+    if model is not None and missing:
+        raise CatalogError(f"{cat.url}: no predictions {'/'.join(_taxon_arrays(rank, model))}; models with "
+                           f"predictions here: {predicting_models(present)}")
+    names = [*POINT_COLUMNS, *(n for n in _taxon_arrays(rank, model) if n in present)]
+    ds = xr.Dataset({name: ("image", values) for name, values in cat.read(start, stop, names).items()})
+    frame = pd.DataFrame({name: ds[name].values for name in POINT_COLUMNS})
+    frame["taxon"] = taxon_column(ds, rank, model=model, min_prob=min_prob, where=cat.url).values
+    frame["lon"] = (frame["lon"] + 180.0) % 360.0 - 180.0
+    counted = (frame["taxon"] != "") & frame["lat"].notna() & frame["lon"].notna() & (frame["time"] != TIME_FILL)
+    frame.loc[~counted, "taxon"] = ""
+    return frame
+
+
+def _scan_shard(cat: Catalog, start: int, stop: int, *args: Any) -> tuple[set, list[float] | None, pd.DataFrame]:
+    """Pass 1 over a shard: its taxa, the extent (lat, lon, time min then max) of its counted images, and
+    its distinct samples with a known volume (IFCB bins: one row per bin)."""
+    frame = _points(cat, start, stop, *args)
+    counted = frame[frame["taxon"] != ""]
+    extent = None if counted.empty else [float(counted[c].min()) for c in ("lat", "lon", "time")] + \
+        [float(counted[c].max()) for c in ("lat", "lon", "time")]
     keep = (frame["volume_analysed"] > 0) & (frame["status"] == STATUS_OK) & frame["lat"].notna() & \
         frame["lon"].notna() & (frame["time"] != TIME_FILL)
-    return frame.loc[keep].drop(columns="status").drop_duplicates()
+    samples = frame.loc[keep, ["source", "time", "lat", "lon", "depth_min", "depth_max", "volume_analysed"]]
+    return set(counted["taxon"].unique()), extent, samples.drop_duplicates()
 
+
+def _count_shard(cat: Catalog, start: int, stop: int, rank: str, model: str | None, min_prob: float,
+                 present: list[str], taxa: np.ndarray, edges: tuple[np.ndarray, ...]) -> pd.DataFrame:
+    """Pass 2 over a shard: counts per (taxon, time bin, lat cell, lon cell) that occur, as a small table."""
+    frame = _points(cat, start, stop, rank, model, min_prob, present)
+    frame = frame[frame["taxon"] != ""]
+    lat = np.minimum(frame["lat"].to_numpy(np.float64), edges[1][-1] - 1e-9)  # lat 90 in the last cell
+    cells = pd.DataFrame({
+        "taxon": np.searchsorted(taxa, frame["taxon"].to_numpy(object)),
+        # left-closed bins, as pandas intervals: edge[i] <= x < edge[i + 1]
+        "time": np.searchsorted(edges[0], frame["time"].to_numpy(np.float64), side="right") - 1,
+        "lat": np.searchsorted(edges[1], lat, side="right") - 1,
+        "lon": np.searchsorted(edges[2], frame["lon"].to_numpy(np.float64), side="right") - 1,
+        "count": 1, "count_volumetric": (frame["volume_analysed"] > 0).to_numpy(np.int64)})
+    return cells.groupby(["taxon", "time", "lat", "lon"], as_index=False).sum()
 
 def abundance(
     url: str,
@@ -129,51 +176,42 @@ def abundance(
     out: str | None = None,
     storage_options: dict | None = None,
     out_storage_options: dict | None = None,
+    client: Client | None = None,
 ) -> xr.Dataset:
     """Counts (and concentrations where volumes are known) per taxon, time bin and cell.
 
-    Runs on the current Dask scheduler (the distributed client when one is active), one task
-    per shard; the result is loaded, and written to Zarr at ``out`` when given.
+    Two passes of one read task per shard (on ``client`` or the current one, else in this
+    process): taxa, extent and sampled volumes, then counts per cell that occur, summed on the
+    client; the result is written to Zarr at ``out`` when given.
     """
     if not cell_deg > 0:
         raise InputError(f"cell size must be > 0 degrees, not {cell_deg}")
     _offset(time_bin)  # a bad frequency fails before any pass over the catalog
-    ds = catalog.open_catalog(url, storage_options=storage_options)
-    taxon = taxon_column(ds, rank, model=model, min_prob=min_prob, where=url).rename("taxon")
-    lon = ((ds["lon"] + 180.0) % 360.0 - 180.0).rename("lon")
-    lat = ds["lat"].rename("lat")
-    time_ms = xr.where(ds["time"].notnull(), ds["time"].astype("int64") // 10**6, np.nan).rename("time")
-    counted = (taxon != "") & lat.notnull() & lon.notnull() & time_ms.notnull()
-    volumetric = counted & (ds["volume_analysed"] > 0)
-    taxa = dask.array.unique(taxon.where(counted, "").data)
-    extent = [v.where(counted).min() for v in (lat, lon, time_ms)] + \
-             [v.where(counted).max() for v in (lat, lon, time_ms)]
-    group = catalog.open_group(url, storage_options=storage_options, check=False)
-    ranges = catalog.shard_ranges(0, catalog.n_rows_of(group), catalog.metadata(group)["shard_len"])
-    samples = [dask.delayed(_samples_shard)(url, a, b, storage_options) for _, a, b in ranges]
-    taxa, *extent = dask.compute(taxa, *extent)
-    # apart: dask 2026.8's compute() misorders results that mix arrays with a list of delayed
-    samples = dask.compute(*samples)
-    taxa = np.array(sorted(t for t in taxa.tolist() if t), dtype=object)
-    n_counted = len(taxa)
-    if not n_counted:
+    cat = Catalog.open(url, storage_options)
+    present = cat.arrays()
+    args = (rank, model, min_prob, present)
+    _points(cat, 0, 0, *args)  # a rank or model without its arrays fails before any pass
+    scans = map_shards(_scan_shard, cat, *args, client=client)
+    taxa = np.array(sorted(set().union(*(taxa for taxa, _, _ in scans))), dtype=object)
+    if not len(taxa):
         raise InputError(f"{url}: no image with a taxon at rank {rank!r}, a position and a time to count")
-    lat0, lon0, t0, lat1, lon1, t1 = (float(v) for v in extent)
+    extents = np.array([extent for _, extent, _ in scans if extent is not None])
+    lat0, lon0, t0 = extents[:, :3].min(0)
+    lat1, lon1, t1 = extents[:, 3:].max(0)
     lat_edges = _edges(lat0, lat1, cell_deg, -90.0, 90.0)
     lon_edges = _edges(lon0, lon1, cell_deg, -180.0, 180.0)
     time_edges = _time_edges(t0, t1, time_bin)
     time_edges_ms = time_edges.values.astype("datetime64[ms]").astype(np.int64).astype(np.float64)
-    bins = (pd.IntervalIndex.from_breaks(time_edges_ms, closed="left"),
-            pd.IntervalIndex.from_breaks(lat_edges, closed="left"),
-            pd.IntervalIndex.from_breaks(lon_edges, closed="left"))
-    # lat 90 and lon 180 fall on the last edge: move them into the last cell
-    lat = xr.where(lat >= lat_edges[-1], lat_edges[-1] - cell_deg / 2, lat)
-    weights = xr.Dataset({"count": counted.astype(np.int64), "count_volumetric": volumetric.astype(np.int64)})
-    counts = flox.xarray.xarray_reduce(
-        weights, taxon.where(counted, ""), time_ms, lat, lon, func="sum", expected_groups=(taxa, *bins),
-        fill_value=0, engine="numpy", method="map-reduce", reindex=False)
-    samples = pd.concat(samples, ignore_index=True).drop_duplicates()  # a bin split over two shards: once
-    counts = counts.compute()
+    edges = (time_edges_ms, lat_edges, lon_edges)
+    shape = (len(taxa), len(time_edges_ms) - 1, len(lat_edges) - 1, len(lon_edges) - 1)
+    counts = {"count": np.zeros(shape, np.int64), "count_volumetric": np.zeros(shape, np.int64)}
+    for part in map_shards(_count_shard, cat, *args, taxa, edges, client=client):
+        at = tuple(part[axis].to_numpy() for axis in ("taxon", "time", "lat", "lon"))
+        for name, total in counts.items():
+            np.add.at(total, at, part[name].to_numpy())
+    # a bin split over two shards: once
+    samples = pd.concat([samples for _, _, samples in scans], ignore_index=True).drop_duplicates()
+    bins = tuple(pd.IntervalIndex.from_breaks(e, closed="left") for e in edges)
     volume = _volume_per_cell(samples, bins, lat_edges, cell_deg)
     result = _assemble(counts, volume, taxa, time_edges, lat_edges, lon_edges)
     result.attrs = {
@@ -203,11 +241,10 @@ def _volume_per_cell(samples: pd.DataFrame, bins: tuple, lat_edges: np.ndarray, 
                                      fill_value=0.0, engine="numpy")
 
 
-def _assemble(counts: xr.Dataset, volume: xr.DataArray, taxa: np.ndarray, time_edges: pd.DatetimeIndex,
+def _assemble(counts: dict[str, np.ndarray], volume: xr.DataArray, taxa: np.ndarray, time_edges: pd.DatetimeIndex,
               lat_edges: np.ndarray, lon_edges: np.ndarray) -> xr.Dataset:
     dims = ("taxon", "time", "lat", "lon")
-    count = counts["count"].transpose(*counts["count"].dims).values
-    count_vol = counts["count_volumetric"].values
+    count, count_vol = counts["count"], counts["count_volumetric"]
     vol = np.asarray(volume.values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         concentration = np.where(vol > 0, count_vol / vol * 1000.0, np.nan).astype(np.float32)

@@ -23,8 +23,9 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.core.sync import sync
 
-from pzscale import images
+from pzscale import images, progress
 from pzscale.errors import CatalogError, ShardAlignmentError, one_line
+from pzscale.progress import call_with_backoff
 from pzscale.schema import BY_NAME, VARIABLE_NAMES, VARIABLES
 
 DEFAULT_SHARD_LEN = 16384
@@ -138,19 +139,24 @@ def create(
             "plans": plans or [], "stages": {}}
     group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options,
                             attributes={ATTRS_KEY: meta})
-    group.create_group(PRIVATE, attributes={
-        "description": "done/<stage>/<shard>.json markers (written after a shard's arrays), plans/<id>.json"})
     ensure_rows(group, n_rows)
     return group
 
 
 def ensure_rows(group: zarr.Group, n_rows: int) -> None:
-    """Create any missing variable and grow every array to ``n_rows`` (never shrinks).
+    """Create the private group and any missing variable, and grow every array to ``n_rows`` (never shrinks).
 
-    Growing only rewrites array metadata; existing shards stay as they are.
+    Growing only rewrites array metadata; existing shards stay as they are. Each request is retried
+    on its own when storage throttles (a catalog has ~40 arrays, each a few requests).
     """
+    def retried(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return call_with_backoff(lambda: fn(*args, **kwargs), backoff=progress.DEFAULT_BACKOFF)
+
     shard_len = metadata(group)["shard_len"]
-    present = dict(group.arrays())
+    if not retried(group.__contains__, PRIVATE):  # first: a listing must never meet a folder without metadata
+        retried(group.create_group, PRIVATE, attributes={
+            "description": "done/<stage>/<shard>.json markers (written after a shard's arrays), plans/<id>.json"})
+    present = retried(lambda: dict(group.arrays()))
     for var in VARIABLES:
         if var.name in present:
             continue
@@ -159,13 +165,13 @@ def ensure_rows(group: zarr.Group, n_rows: int) -> None:
             attrs["units"] = var.units
         if var.name == "time":
             attrs["calendar"] = "proleptic_gregorian"
-        present[var.name] = group.create_array(
-            var.name, shape=(n_rows,), shards=(shard_len,), dimension_names=[DIM], attributes=attrs,
+        present[var.name] = retried(
+            group.create_array, var.name, shape=(n_rows,), shards=(shard_len,), dimension_names=[DIM], attributes=attrs,
             **_array_kwargs(var.name, shard_len),
         )
     for arr in present.values():
         if arr.shape[0] < n_rows:
-            arr.resize((n_rows, *arr.shape[1:]))
+            retried(arr.resize, (n_rows, *arr.shape[1:]))
 
 
 def open_group(
@@ -322,16 +328,6 @@ def with_stored_rows(group: zarr.Group, start: int, first_new: int, new: dict[st
     return {name: np.concatenate([stored[name].astype(v.dtype), v]) for name, v in new.items()}
 
 
-def map_shards(fn: Any, url: str, *args: Any, storage_options: dict | None = None) -> list:
-    """``fn(url, start, stop, *args, storage_options)`` for every shard, as Dask tasks on the
-    current scheduler (a distributed client when one is active), results in shard order."""
-    import dask
-
-    group = open_group(url, storage_options=storage_options, check=False)
-    ranges = shard_ranges(0, n_rows_of(group), metadata(group)["shard_len"])
-    return list(dask.compute(*[dask.delayed(fn)(url, a, b, *args, storage_options) for _, a, b in ranges]))
-
-
 # ---------------------------------------------------------------- done markers
 
 
@@ -370,7 +366,7 @@ def mark_done(
     body = json.dumps({"stage": stage, "shard": shard, "pzscale": version("pzscale"), **info}).encode()
     path = f"{_marker_dir(root, stage)}/{shard:06d}.json"
     if not replace:
-        if _create_only(fs, path, body):
+        if create_only(fs, path, body):
             return True
         try:
             existing = json.loads(fs.cat_file(path))
@@ -382,8 +378,13 @@ def mark_done(
     return True
 
 
-def _create_only(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> bool:
-    """Write ``body`` at ``path`` unless an object is there already; True if this call created it."""
+def create_only(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> bool:
+    """Write ``body`` at ``path`` unless an object is there already; True if this call created it.
+
+    The one exclusive create of pzscale (done markers, the ingest lock): ``O_EXCL`` on local disks,
+    a conditional PUT (``If-None-Match: *``) on S3. A lost race is told from any other error by
+    looking for the object, since stores report it differently.
+    """
     try:
         if isinstance(fs, LocalFileSystem):
             with fs.open(path, "xb") as f:  # O_EXCL: pipe_file's "create" checks, then writes

@@ -6,22 +6,18 @@ from __future__ import annotations
 import numpy as np
 from distributed import Client
 
-from pzscale import catalog
 from pzscale.errors import ModelError
-from pzscale.inference import forward, rank_groups, run_model_shard, run_model_stage
-from pzscale.models import LoadedModel, ModelCard
-from pzscale.progress import StageReport
-from pzscale.schema import RANKS
+from pzscale.ml.inference import forward, rank_groups, run_model_shard, run_model_stage
+from pzscale.ml.models import LoadedModel, ModelCard
+from pzscale.schema import RANKS, prediction_name
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport
 
 
 def names(card: ModelCard) -> dict[str, str]:
     """Catalog variables the classify stage writes for a model."""
-    p = f"pred__{card.id}__"
-    out = {"label": p + "label", "prob": p + "prob", "topk_label": p + "topk_label", "topk_prob": p + "topk_prob",
-           "k": f"{card.id}__k", "stage": f"classify/{card.id}"}
-    for rank in RANKS:
-        out[rank], out[f"{rank}_prob"] = p + rank, p + rank + "_prob"
-    return out
+    keys = ["label", "prob", "topk_label", "topk_prob", *RANKS, *(f"{rank}_prob" for rank in RANKS)]
+    return {**{key: prediction_name(card.id, key) for key in keys}, "k": f"{card.id}__k",
+            "stage": f"classify/{card.id}"}
 
 
 def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> dict[str, np.ndarray]:
@@ -44,12 +40,12 @@ def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> dict[str, 
     return out
 
 
-def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: dict) -> dict[str, np.ndarray]:
-    n, rows = names(model.card), task["stop"] - task["row_from"]
-    _, probs, _ = forward(model, pixels, batch_size=task["batch_size"], with_logits=True, tta=task["tta"],
-                          precision=task.get("precision", "fp32"))
+def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: ShardTask) -> dict[str, np.ndarray]:
+    n, rows = names(model.card), task.new_rows
+    _, probs, _ = forward(model, pixels, batch_size=task.params["batch_size"], with_logits=True, tta=task.params["tta"],
+                          precision=task.params["precision"])
     new = {}
-    for key, values in predictions(probs, model.card.classes, task["top_k"]).items():
+    for key, values in predictions(probs, model.card.classes, task.params["top_k"]).items():
         is_text = values.dtype == object
         full = np.full((rows, *values.shape[1:]), "" if is_text else np.nan, dtype=object if is_text else np.float32)
         full[ok] = values
@@ -57,7 +53,7 @@ def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task:
     return new
 
 
-def classify_shard(task: dict) -> dict:
+def classify_shard(task: ShardTask) -> ShardResult:
     """Classify rows [row_from, stop) of one shard and write the whole shard, then its marker."""
     return run_model_shard(task, _compute)
 
@@ -85,18 +81,18 @@ def classify(
         raise ModelError(f"{model_dir}: model {card.id} has no classification head; train one with pzscale train")
     n = names(card)
     k = min(top_k, len(card.classes))
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
     attrs = {"model": card.id, "model_name": card.name, "model_version": card.version}
     for key in ("label", "topk_label", *RANKS):
         trailing, dims = ((k,), (n["k"],)) if key.startswith("topk") else ((), ())
-        catalog.ensure_array(group, n[key], dtype="str", fill="", trailing=trailing, dims=dims, attrs=attrs)
+        cat.ensure_array(n[key], dtype="str", fill="", trailing=trailing, dims=dims, attrs=attrs)
     for key in ("prob", "topk_prob", *(f"{r}_prob" for r in RANKS)):
         trailing, dims = ((k,), (n["k"],)) if key.startswith("topk") else ((), ())
-        catalog.ensure_array(group, n[key], dtype="float32", fill=np.nan, trailing=trailing, dims=dims, attrs=attrs)
-    catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
+        cat.ensure_array(n[key], dtype="float32", fill=np.nan, trailing=trailing, dims=dims, attrs=attrs)
+    cat.record_stage(n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture, "classes": len(card.classes),
                                      "top_k": k, "tta": tta, "precision": precision,
                                      "training_data_sha256": card.training_data_sha256})
     params = {"batch_size": batch_size, "tta": tta, "top_k": k, "precision": precision}
-    return run_model_stage(url, model_dir, classify_shard, stage=n["stage"], params=params, client=client,
-                           device=device, storage_options=storage_options, progress=progress)
+    return run_model_stage(cat, model_dir, classify_shard, stage=n["stage"], params=params, client=client,
+                           device=device, progress=progress)

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from pzscale import catalog, info
 from pzscale.errors import PzscaleError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Plankton image catalogs at Planktonzilla-17M scale, on Dask.")
+
+class _App(typer.Typer):
+    """Typer whose commands all end a PzscaleError the same way: one line on stderr, exit status 1."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def one_line_errors(*a: Any, **k: Any) -> Any:
+                try:
+                    return fn(*a, **k)
+                except PzscaleError as e:
+                    typer.echo(f"error: {e}", err=True)
+                    raise typer.Exit(1) from None
+
+            return register(one_line_errors)
+
+        return decorator
+
+
+app = _App(add_completion=False, no_args_is_help=True,
+           help="Plankton image catalogs at Planktonzilla-17M scale, on Dask.")
 
 CatalogOpt = Annotated[str, typer.Option("--catalog", "-c", help="catalog URL: a path or s3://bucket/x.zarr")]
 StorageOpt = Annotated[str | None, typer.Option(
@@ -33,11 +55,6 @@ def _storage_options(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise typer.BadParameter("--storage-options must be a JSON object")
     return value
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -86,14 +103,11 @@ def ingest(
     from pzscale.ingest import ingest as run
 
     so = _storage_options(storage_options)
-    try:
-        catalog.check_url(catalog_url)
-        with connect(scheduler, n_workers=workers) as client:
-            report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
-                         taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
-                         storage_options=so)
-    except PzscaleError as e:
-        _fail(e)
+    catalog.check_url(catalog_url)
+    with connect(scheduler, n_workers=workers) as client:
+        report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
+                     taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
+                     storage_options=so)
     typer.echo(str(report))
 
 
@@ -124,11 +138,8 @@ def taxonomy_report(
     from pzscale import taxonomy as tax
 
     so = _storage_options(storage_options)
-    try:
-        pairs = tax.catalog_mappings(info.label_mappings(catalog_url, storage_options=so))
-        table_df = tax.read_table(table, storage_options=so) if table else None
-    except PzscaleError as e:
-        _fail(e)
+    pairs = tax.catalog_mappings(info.label_mappings(catalog_url, storage_options=so))
+    table_df = tax.read_table(table, storage_options=so) if table else None
     unmapped = tax.unmapped(pairs, table_df)
     conflicts = tax.conflicts(pairs if table_df is None else tax.table_mappings(table_df))
     typer.echo(f"unmapped (source, raw label): {len(unmapped)} pair(s), {int(unmapped['images'].sum()):,} images")
@@ -163,11 +174,8 @@ def split(
     """Record a stratified 60/20/20 train/val/test split per source and label in the catalog."""
     from pzscale.split import assign_splits
 
-    try:
-        counts = assign_splits(catalog_url, seed=seed, unseen_sources=tuple(unseen or ()),
-                               storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
+    counts = assign_splits(catalog_url, seed=seed, unseen_sources=tuple(unseen or ()),
+                           storage_options=_storage_options(storage_options))
     typer.echo("split: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
 
 
@@ -193,16 +201,13 @@ def train(
     from pzscale.train import train as fit
 
     so = _storage_options(storage_options)
-    try:
-        if objective == "clip":
-            card = train_clip(catalog_url, str(out), name=name or "pzscale-clip", version=version, init_dir=backbone,
-                              epochs=epochs, image_size=None if backbone else image_size, seed=seed,
-                              storage_options=so, log=typer.echo)
-        else:
-            card = fit(catalog_url, str(out), objective=objective, name=name, version=version, backbone_dir=backbone,
-                       head=head, epochs=epochs, image_size=image_size, seed=seed, storage_options=so, log=typer.echo)
-    except PzscaleError as e:
-        _fail(e)
+    if objective == "clip":
+        card = train_clip(catalog_url, str(out), name=name or "pzscale-clip", version=version, init_dir=backbone,
+                          epochs=epochs, image_size=None if backbone else image_size, seed=seed,
+                          storage_options=so, log=typer.echo)
+    else:
+        card = fit(catalog_url, str(out), objective=objective, name=name, version=version, backbone_dir=backbone,
+                   head=head, epochs=epochs, image_size=image_size, seed=seed, storage_options=so, log=typer.echo)
     typer.echo(f"model {card.id} ({len(card.classes)} classes) saved in {out}")
 
 
@@ -220,12 +225,9 @@ def embed(
     """Store float16 image embeddings of a model in the catalog (resumable, incremental)."""
     from pzscale.embed import embed as run
 
-    try:
-        with _client(scheduler, workers) as client:
-            report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta, precision=precision,
-                         storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
+    with _client(scheduler, workers) as client:
+        report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta, precision=precision,
+                     storage_options=_storage_options(storage_options))
     typer.echo(str(report))
 
 
@@ -244,12 +246,9 @@ def classify(
     """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
     from pzscale.classify import classify as run
 
-    try:
-        with _client(scheduler, workers) as client:
-            report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
-                         precision=precision, storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
+    with _client(scheduler, workers) as client:
+        report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
+                     precision=precision, storage_options=_storage_options(storage_options))
     typer.echo(str(report))
 
 
@@ -268,13 +267,10 @@ def evaluate(
 ) -> None:
     """Accuracy and macro-F1 at every rank, kingdom to species, of a model's stored predictions."""
     from pzscale.evaluate import evaluate as run
-    from pzscale.models import ModelCard
+    from pzscale.ml.models import ModelCard
 
-    try:
-        table = run(catalog_url, ModelCard.load(model).id, split=split_name,
-                    storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
+    table = run(catalog_url, ModelCard.load(model).id, split=split_name,
+                storage_options=_storage_options(storage_options))
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
@@ -303,12 +299,9 @@ def dedup_cmd(
 
     options = {k: v for k, v in (("near_threshold", threshold), ("near_similarity", similarity), ("eps", eps))
                if v is not None}
-    try:
-        with _client(scheduler, workers) as client:
-            report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,
-                                 client=client, storage_options=_storage_options(storage_options), **options)
-    except PzscaleError as e:
-        _fail(e)
+    with _client(scheduler, workers) as client:
+        report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,
+                             client=client, storage_options=_storage_options(storage_options), **options)
     typer.echo(str(report))
 
 
@@ -326,15 +319,12 @@ def dedup_report_cmd(
     readers = {"pairs": stage.duplicate_pairs, "cross-source": stage.cross_source_pairs,
                "leakage": stage.leakage_report}
     so = _storage_options(storage_options)
-    try:
-        if kind == "histogram":
-            table = stage.similarity_histogram(catalog_url, storage_options=so)
-        elif kind in readers:
-            table = readers[kind](catalog_url, method=method, storage_options=so)
-        else:
-            raise typer.BadParameter(f"report kind must be pairs, cross-source, leakage or histogram, not {kind!r}")
-    except PzscaleError as e:
-        _fail(e)
+    if kind == "histogram":
+        table = stage.similarity_histogram(catalog_url, storage_options=so)
+    elif kind in readers:
+        table = readers[kind](catalog_url, method=method, storage_options=so)
+    else:
+        raise typer.BadParameter(f"report kind must be pairs, cross-source, leakage or histogram, not {kind!r}")
     typer.echo(f"{kind}: {len(table):,} row(s)")
     typer.echo(table.head(30).to_string(index=False) if len(table) else "  none")
     if out:
@@ -376,17 +366,14 @@ def env_cmd(
     from pzscale.env import env as run
     from pzscale.grids import JoinOptions
 
-    try:
-        options = JoinOptions(lat_tolerance=lat_tolerance, lon_tolerance=lon_tolerance, depth=depth_mode,
-                              depth_tolerance=depth_tolerance, time=time_mode,
-                              time_tolerance_days=time_tolerance_days, land_fill_km=land_fill_km, celsius=not kelvin)
-        so, grid_so = _storage_options(storage_options), _storage_options(grid_storage_options)
-        catalog.check_url(catalog_url)
-        with _client(scheduler, workers) as client:
-            report = run(catalog_url, grid, var, options=options, client=client, storage_options=so,
-                         grid_storage_options=grid_so, overwrite=overwrite)
-    except PzscaleError as e:
-        _fail(e)
+    options = JoinOptions(lat_tolerance=lat_tolerance, lon_tolerance=lon_tolerance, depth=depth_mode,
+                          depth_tolerance=depth_tolerance, time=time_mode,
+                          time_tolerance_days=time_tolerance_days, land_fill_km=land_fill_km, celsius=not kelvin)
+    so, grid_so = _storage_options(storage_options), _storage_options(grid_storage_options)
+    catalog.check_url(catalog_url)
+    with _client(scheduler, workers) as client:
+        report = run(catalog_url, grid, var, options=options, client=client, storage_options=so,
+                     grid_storage_options=grid_so, overwrite=overwrite)
     typer.echo(str(report))
 
 
@@ -409,15 +396,12 @@ def abundance_cmd(
     from pzscale.abundance import abundance as run
     from pzscale.abundance import plot_map
 
-    try:
-        so = _storage_options(storage_options)
-        with _client(scheduler, workers):  # --out on object storage uses the catalog's storage options
-            ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
-                     out=out, storage_options=so, out_storage_options=so)
-        if png:
-            plot_map(ds, png, taxon=taxon)
-    except PzscaleError as e:
-        _fail(e)
+    so = _storage_options(storage_options)
+    with _client(scheduler, workers):  # --out on object storage uses the catalog's storage options
+        ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
+                 out=out, storage_options=so, out_storage_options=so)
+    if png:
+        plot_map(ds, png, taxon=taxon)
     typer.echo(f"abundance: {ds.attrs['images_counted']:,} images of {ds.sizes['taxon']} taxa at rank {rank} in "
                f"{ds.sizes['time']} time bins x {ds.sizes['lat']} x {ds.sizes['lon']} cells of {cell:g} deg"
                + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
@@ -440,13 +424,10 @@ def export_dwc_cmd(
     """Darwin Core occurrence CSV for OBIS/GBIF: one row per identified image."""
     from pzscale.dwc import export_dwc
 
-    try:
-        so = _storage_options(storage_options)
-        with _client(scheduler, workers):
-            result = export_dwc(catalog_url, out, model=model, min_prob=min_prob, storage_options=so,
-                                out_storage_options=so)
-    except PzscaleError as e:
-        _fail(e)
+    so = _storage_options(storage_options)
+    with _client(scheduler, workers):
+        result = export_dwc(catalog_url, out, model=model, min_prob=min_prob, storage_options=so,
+                            out_storage_options=so)
     typer.echo(f"wrote {result['rows']:,} occurrences to {result['path']}")
 
 
@@ -481,14 +462,11 @@ def compare_cmd(
     from pzscale.split import PAPER_UNSEEN_SOURCES
 
     sources = [*(unseen or ()), *(PAPER_UNSEEN_SOURCES if paper_split else ())]
-    try:
-        with _client(scheduler, workers) as client:
-            run(catalog_url, out, models=model or (), train_objectives=train_objective or (),
-                unseen_sources=sources if sources else None, dedup=dedup, split_seed=seed, epochs=epochs,
-                batch_size=batch_size, client=client, storage_options=_storage_options(storage_options),
-                log=typer.echo)
-    except PzscaleError as e:
-        _fail(e)
+    with _client(scheduler, workers) as client:
+        run(catalog_url, out, models=model or (), train_objectives=train_objective or (),
+            unseen_sources=sources if sources else None, dedup=dedup, split_seed=seed, epochs=epochs,
+            batch_size=batch_size, client=client, storage_options=_storage_options(storage_options),
+            log=typer.echo)
     typer.echo(f"wrote {out / 'compare.csv'}, {out / 'compare.json'} and {out / 'compare_f1_by_rank.png'}")
 
 
@@ -499,10 +477,7 @@ def compare_cmd(
 def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL")], storage_options: StorageOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Rows, sources, label coverage, status counts and stages done per shard."""
-    try:
-        summary = info.summarize(url, storage_options=_storage_options(storage_options))
-    except PzscaleError as e:
-        _fail(e)
+    summary = info.summarize(url, storage_options=_storage_options(storage_options))
     typer.echo(json.dumps(summary, indent=1) if as_json else info.format_summary(summary))
 
 
@@ -516,80 +491,9 @@ def demo(
     """The main job on a built-in default: synthesise a Planktonzilla collection and a cruise of raw
     IFCB bins, ingest both into one catalog on a local cluster, split, train and classify,
     deduplicate, join with an ocean grid and map abundance."""
-    from pzscale.cluster import connect
-    from pzscale.ingest import ingest as run
-    from pzscale.synth import synth as make
-    from pzscale.synth import synth_ifcb
+    from pzscale.demo import run_demo
 
-    marker = out / ".pzscale-demo"
-    if out.exists() and any(out.iterdir()) and not marker.exists():
-        _fail(PzscaleError(f"{out} exists and is not a pzscale demo folder; choose another"))
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    marker.touch()
-    parquet, url = out / "parquet", str(out / "catalog.zarr")
-    truth = make(parquet, images=images, seed=0, rows_per_file=2000)
-    bins = out / "ifcb"
-    n_rois = max(100, images // 5)
-    synth_ifcb(bins, images=n_rois, seed=0)
-    typer.echo(f"synthesised {images} images in {parquet} and {n_rois} IFCB ROIs in raw bins under {bins}")
-    from pzscale import grids
-    from pzscale.abundance import abundance as run_abundance
-    from pzscale.abundance import plot_map
-    from pzscale.classify import classify as run_classify
-    from pzscale.dedup import dedup as run_dedup
-    from pzscale.env import env as run_env
-    from pzscale.evaluate import evaluate as run_evaluate
-    from pzscale.split import assign_splits
-    from pzscale.train import train as fit
-
-    model_dir = out / "model"
-    with connect(n_workers=workers) as client:
-        report = run([str(parquet)], url, shard_len=1024, client=client)
-        typer.echo(str(report))
-        typer.echo("appending the IFCB cruise (native format) to the same catalog:")
-        report = run([str(bins)], url, format="ifcb", source="demo_cruise_ifcb", append=True, client=client)
-        typer.echo(str(report))
-        typer.echo(info.format_summary(info.summarize(url)))
-        counts = assign_splits(url, seed=42)
-        typer.echo("\nsplit: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
-        typer.echo(f"training the built-in CNN on the train split -> {model_dir}")
-        card = fit(url, str(model_dir), epochs=epochs, log=lambda line: typer.echo("  " + line))
-        typer.echo(str(run_classify(url, str(model_dir), client=client)))
-        typer.echo("\nduplicates (exact pixels, perceptual hash) within and across sources:")
-        typer.echo(str(run_dedup(url, methods=("exact", "near"), client=client)))
-        env_grid = out / "ocean_grid.nc"
-        grids.synthetic_grid(env_grid, resolution=2.0, climatology=True)
-        typer.echo(f"\njoining each image with the ocean grid {env_grid} (synthetic monthly climatology):")
-        typer.echo(str(run_env(url, str(env_grid), ["temperature=thetao", "salinity=so", "chl=chlor_a"],
-                               options=grids.JoinOptions(land_fill_km=100), client=client)))
-        counts = run_abundance(url, rank="genus", cell_deg=10, out=str(out / "abundance.zarr"))
-        abundance_png = plot_map(counts, out / "abundance.png")
-    table = run_evaluate(url, card.id, split="test")
-    typer.echo(f"\nmodel {card.id} on the held-out test split (macro-F1 per rank, Planktonzilla truncation):")
-    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    grid = out / "sample_grid.png"
-    _contact_sheet(url, grid)
-    typer.echo(f"\nresults: catalog {url} (open with pzscale.open_catalog), model {model_dir}, sample images {grid}, "
-               f"abundance {out / 'abundance.zarr'} and map {abundance_png}, "
-               f"planted duplicates and corrupt rows {parquet / 'truth.json'} "
-               f"({len(truth['duplicates'])} duplicates, {len(truth['corrupt'])} corrupt)")
-
-
-def _contact_sheet(url: str, path: Path, n: int = 48) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from pzscale import images, open_catalog, read_images
-
-    ds = open_catalog(url)
-    ok = np.flatnonzero(ds["status"].values == "ok")[:n]
-    tiles = [images.letterbox(p, 96)[0] for p in read_images(url, ok)]
-    cols = 8
-    sheet = np.full((96 * -(-len(tiles) // cols), 96 * cols, 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        sheet[(i // cols) * 96 : (i // cols + 1) * 96, (i % cols) * 96 : (i % cols + 1) * 96] = t
-    Image.fromarray(sheet).save(path)
+    run_demo(out, images=images, epochs=epochs, workers=workers, echo=typer.echo)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pzscale import catalog
-from pzscale.augment import augment, make_augmentation, seed_for
-from pzscale.clip import (  # noqa: F401 - re-exported: the CLIP model API lives in pzscale.clip
+from pzscale.errors import CatalogError
+from pzscale.ml.augment import augment, make_augmentation, seed_for
+from pzscale.ml.clip import (  # noqa: F401 - re-exported: the CLIP model API lives in pzscale.ml.clip
     LOGIT_SCALE_MAX,
     PROMPT,
     TINY_ARCHITECTURE,
@@ -42,10 +42,10 @@ from pzscale.clip import (  # noqa: F401 - re-exported: the CLIP model API lives
     random_clip,
     tokenizer_for,
 )
-from pzscale.errors import CatalogError
-from pzscale.models import ModelCard, save_model
-from pzscale.preprocess import prepare_batch
-from pzscale.trainset import GREY_MEAN, GREY_STD, batches, split_rows, training_hash
+from pzscale.ml.models import ModelCard, save_model
+from pzscale.ml.preprocess import prepare_batch
+from pzscale.ml.trainset import GREY_MEAN, GREY_STD, batches, split_rows, training_hash
+from pzscale.stage import Catalog
 
 __all__ = [
     "PROMPT",
@@ -74,7 +74,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_clip(
-    url: str,
+    url: str | Catalog,
     out_dir: str,
     *,
     name: str = "pzscale-clip",
@@ -104,8 +104,9 @@ def train_clip(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_rows = split_rows(url, "train", storage_options=storage_options)
-    val_rows = split_rows(url, "val", storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
+    url = cat.url
+    train_rows, val_rows = split_rows(cat, "train"), split_rows(cat, "val")
     classes = sorted({t for _, _, target, _ in train_rows for t in target})
     if len(classes) < 2:
         raise CatalogError(f"{url}: the train split has {len(classes)} label(s); need at least 2")
@@ -123,7 +124,7 @@ def train_clip(
         tokenizer, mean, std, embed_dim = tokenizer_for(cfg), GREY_MEAN, GREY_STD, cfg["embed_dim"]
         lr = lr or 2e-3
     tokens = tokenizer(classes).to(device)
-    group = catalog.open_group(url, storage_options=storage_options)
+    group = cat.group()
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
     steps = epochs * max(1, -(-sum(len(r[1]) for r in train_rows) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)

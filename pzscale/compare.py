@@ -28,20 +28,20 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
-from pzscale import catalog
 from pzscale.classify import classify
-from pzscale.clip import PROMPT, has_text_tower
 from pzscale.clip_train import train_clip
 from pzscale.embed import embed
 from pzscale.embed import names as embed_names
 from pzscale.errors import CatalogError, InputError
 from pzscale.evaluate import evaluate
 from pzscale.fewshot import SEEDS, SHOTS, fewshot
-from pzscale.models import ModelCard
+from pzscale.ml.clip import PROMPT, has_text_tower
+from pzscale.ml.models import ModelCard
+from pzscale.ml.trainset import split_rows, training_hash
 from pzscale.schema import RANKS
 from pzscale.split import SPLIT, assign_splits
+from pzscale.stage import Catalog
 from pzscale.train import train
-from pzscale.trainset import split_rows, training_hash
 from pzscale.zeroshot import classes_present, zeroshot
 from pzscale.zeroshot import names as zeroshot_names
 
@@ -81,7 +81,7 @@ def plot(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def compare(
-    url: str,
+    url: str | Catalog,
     out_dir: str | Path,
     *,
     models: Sequence[str] = (),
@@ -117,12 +117,13 @@ def compare(
         raise InputError(f"unknown training objective(s) {unknown}; use {', '.join(TRAIN_OBJECTIVES)}")
     if not models and not train_objectives:
         raise InputError("nothing to compare: give model directories and/or training objectives")
-    group = catalog.open_group(url, storage_options=so)
+    cat = Catalog.open(url, so)  # one handle through every stage: url and storage options travel together
+    url = cat.url
     if unseen_sources is not None or dedup:
-        counts = assign_splits(url, seed=split_seed, unseen_sources=tuple(unseen_sources or ()), dedup=dedup,
-                               storage_options=so)
+        counts = assign_splits(cat, seed=split_seed, unseen_sources=tuple(unseen_sources or ()), dedup=dedup,
+                               client=client)
         log("split: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
-    elif SPLIT not in dict(group.arrays()):
+    elif SPLIT not in cat.arrays():
         raise CatalogError(f"{url}: no split recorded; run pzscale split or pass the unseen sources")
     model_dirs = [str(m) for m in models]
     for objective in train_objectives:
@@ -131,49 +132,48 @@ def compare(
         options = {"epochs": epochs, **(train_options or {})}
         fit = functools.partial(train_clip, name="pzscale-clip") if objective == "clip" else \
             functools.partial(train, objective=objective)
-        fit(url, str(target), storage_options=so, log=lambda line: log("  " + line), **options)
+        fit(cat, str(target), log=lambda line: log("  " + line), **options)
         model_dirs.append(str(target))
     ids = [ModelCard.load(m).id for m in model_dirs]
     if len(set(ids)) < len(ids):
         raise InputError(f"model ids must differ (their outputs share catalog variables): {ids}")
-    present = classes_present(url, ("train", *SPLITS.values()), storage_options=so)
+    present = classes_present(cat, ("train", *SPLITS.values()))
     scored = {name: split for name, split in SPLITS.items() if present[split]}
 
     @functools.cache
     def train_hash() -> str:  # read (every shard) only when a CLIP-trained model asks
-        return training_hash(split_rows(url, "train", storage_options=so))
+        return training_hash(split_rows(cat, "train"))
 
     def trained_on_this_split(card: ModelCard) -> bool:
         return card.extra.get("objective") == "clip" and card.training_data_sha256 == train_hash()
 
-    stage_kw = {"client": client, "batch_size": batch_size, "device": device, "storage_options": so,
-                "progress": progress}
+    stage_kw = {"client": client, "batch_size": batch_size, "device": device, "progress": progress}
     rows, described = [], []
     for model_dir in model_dirs:
         card = ModelCard.load(model_dir)
         settings = []
         if card.head:
             log(f"{card.id}: classify")
-            classify(url, model_dir, **stage_kw)
+            classify(cat, model_dir, **stage_kw)
             settings.append(("supervised", card.id))
         if has_text_tower(model_dir):
             trained_here = trained_on_this_split(card)
             log(f"{card.id}: zero-shot")
-            zeroshot(url, model_dir, classes={s: c for s, c in present.items() if c}, template=template,
+            zeroshot(cat, model_dir, classes={s: c for s, c in present.items() if c}, template=template,
                      **stage_kw)
             settings.append(("clip-style" if trained_here else "zero-shot", zeroshot_names(card)["model_id"]))
             embedding = zeroshot_names(card)["embedding"]
         else:
             log(f"{card.id}: embed")
-            embed(url, model_dir, **stage_kw)
+            embed(cat, model_dir, **stage_kw)
             embedding = embed_names(card)["embedding"]
         for setting, prediction_id in settings:
             for name, split in scored.items():
-                rows.append(_rows(card.id, setting, name, evaluate(url, prediction_id, split=split,
-                                                                     storage_options=so)))
+                rows.append(_rows(card.id, setting, name, evaluate(cat, prediction_id, split=split,
+                                                                     client=client)))
         for name, split in scored.items():
             log(f"{card.id}: SimpleShot on {name}")
-            table = fewshot(url, embedding, split=split, shots=shots, seeds=seeds, storage_options=so)
+            table = fewshot(cat, embedding, split=split, shots=shots, seeds=seeds, client=client)
             for k, part in table.groupby("shots", sort=True):
                 rows.append(_rows(card.id, f"{k}-shot", name, part))
         described.append({"model": card.id, "dir": str(model_dir), "kind": card.kind,
@@ -184,7 +184,7 @@ def compare(
     protocol = {"seen": "test split", "unseen": "held-out sources, classes absent from train",
                 "metric": "macro-F1 per rank, lineages truncated to the first k ranks (shorter ones whole)",
                 "zero_shot_prompt": template, "simpleshot": {"shots": list(shots), "seeds": list(seeds)},
-                "split": catalog.metadata(catalog.open_group(url, storage_options=so))["stages"].get(SPLIT)}
+                "split": cat.metadata()["stages"].get(SPLIT)}
     (out / "compare.json").write_text(json.dumps(
         {"catalog": url if "://" not in url or url.startswith("file://") else "(remote)", "protocol": protocol,
          "classes": {s: len(present[s]) for s in SPLITS.values()}, "models": described,

@@ -27,10 +27,12 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 import pandas as pd
+from distributed import Client
 
-from pzscale import catalog, grids
+from pzscale import grids
 from pzscale.errors import CatalogError, InputError
-from pzscale.schema import RANKS, STATUS_OK, TIME_FILL
+from pzscale.schema import RANKS, STATUS_OK, TIME_FILL, predicting_models, prediction_name
+from pzscale.stage import Catalog, map_shards, retry
 
 COLUMNS = (
     "occurrenceID", "basisOfRecord", "occurrenceStatus", "scientificName", "scientificNameID", "taxonRank",
@@ -45,19 +47,19 @@ _READ = ("image_id", "source", "instrument", "object_id", *RANKS, "lineage", "ap
          "depth_max", "time", "annotation_status", "license", "status")
 
 
-def _lineages_shard(url: str, start: int, stop: int, storage_options: dict | None) -> pd.DataFrame:
-    group = catalog.open_group(url, storage_options=storage_options, check=False)
-    frame = pd.DataFrame(catalog.read_rows(group, start, stop, [*RANKS, "lineage", "aphia_id"]))
+def _lineages_shard(cat: Catalog, start: int, stop: int) -> pd.DataFrame:
+    frame = pd.DataFrame(cat.read(start, stop, [*RANKS, "lineage", "aphia_id"]))
     return frame[frame["lineage"] != ""].drop_duplicates()
 
 
-def lineage_table(url: str, *, storage_options: dict | None = None) -> dict[str, tuple[tuple[str, ...], int]]:
+def lineage_table(url: str | Catalog, *, storage_options: dict | None = None, client: Client | None = None
+                  ) -> dict[str, tuple[tuple[str, ...], int]]:
     """Every annotated lineage and each of its word prefixes -> (ranks kingdom..species, AphiaID).
 
     A prefix gets the ranks up to its last word and AphiaID 0, unless some image is annotated
     with exactly that lineage (then its own ranks and AphiaID win).
     """
-    parts = catalog.map_shards(_lineages_shard, url, storage_options=storage_options)
+    parts = map_shards(_lineages_shard, Catalog.open(url, storage_options), client=client)
     frame = pd.concat(parts, ignore_index=True).drop_duplicates("lineage") if parts else pd.DataFrame()
     table: dict[str, tuple[tuple[str, ...], int]] = {}
     exact: dict[str, tuple[tuple[str, ...], int]] = {}
@@ -173,19 +175,31 @@ def _part_path(out: str, shard: int) -> str:
     return f"{out}.parts/part-{shard:06d}.csv"
 
 
-def _write_part(url: str, start: int, stop: int, out: str, model: str | None, min_prob: float,
-                table: dict | None, out_storage_options: dict | None, storage_options: dict | None) -> int:
-    group = catalog.open_group(url, storage_options=storage_options, check=False)
-    cols = catalog.read_rows(group, start, stop, _READ)
+def _prediction_keys() -> list[str]:
+    return [*RANKS, *(f"{r}_prob" for r in RANKS)]
+
+
+def _write_part(cat: Catalog, start: int, stop: int, out: str, model: str | None, min_prob: float,
+                table: dict | None, out_storage_options: dict | None) -> int:
+    cols = cat.read(start, stop, _READ)
     predictions = None
     if model:
-        prefix = f"pred__{model}__"
-        names = [prefix + r for r in RANKS] + [f"{prefix}{r}_prob" for r in RANKS]
-        predictions = {k[len(prefix):]: v for k, v in catalog.read_rows(group, start, stop, names).items()}
+        names = {prediction_name(model, key): key for key in _prediction_keys()}
+        predictions = {names[k]: v for k, v in cat.read(start, stop, list(names)).items()}
     frame = occurrences(cols, model=model, min_prob=min_prob, predictions=predictions, table=table)
     with fsspec.open(_part_path(out, start), "w", **(out_storage_options or {})) as fh:
         frame.to_csv(fh, header=False, index=False, lineterminator="\n")
     return len(frame)
+
+
+def _join_parts(fs: fsspec.AbstractFileSystem, path: str, starts: list[int]) -> None:
+    """The header, then every shard's part in row order, into ``path``."""
+    with fs.open(path, "w") as dest:
+        dest.write(",".join(COLUMNS) + "\n")
+        for start in starts:
+            with fs.open(_part_path(path, start), "r") as part:
+                while block := part.read(1 << 20):
+                    dest.write(block)
 
 
 def export_dwc(
@@ -196,33 +210,25 @@ def export_dwc(
     min_prob: float = 0.0,
     storage_options: dict | None = None,
     out_storage_options: dict | None = None,
+    client: Client | None = None,
 ) -> dict:
-    """Write the occurrence CSV ``out`` (local path or fsspec URL); one task per shard on the current
-    Dask scheduler. Returns the rows written and the path."""
+    """Write the occurrence CSV ``out`` (local path or fsspec URL); one task per shard writes its part
+    (on ``client`` or the current one, else in this process), then the parts are joined in row order.
+    Returns the rows written and the path."""
     if not 0.0 <= min_prob <= 1.0:
         raise InputError(f"min_prob must be within [0, 1], not {min_prob}")
-    group = catalog.open_group(url, storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
     table = None
     if model:
-        present = {str(name) for name, _ in group.arrays()}
-        wanted = [f"pred__{model}__{r}" for r in RANKS] + [f"pred__{model}__{r}_prob" for r in RANKS]
-        missing = [w for w in wanted if w not in present]
+        present = cat.arrays()
+        missing = [n for n in (prediction_name(model, k) for k in _prediction_keys()) if n not in present]
         if missing:
-            models = sorted({n.split("__")[1] for n in present if n.startswith("pred__") and n.endswith("__label")})
             raise CatalogError(f"{url}: no predictions of model {model!r} ({missing[0]} missing); models with "
-                               f"predictions here: {models}")
-        table = lineage_table(url, storage_options=storage_options)
+                               f"predictions here: {predicting_models(present)}")
+        table = lineage_table(cat, client=client)
     fs, path = fsspec.core.url_to_fs(out, **(out_storage_options or {}))
-    fs.makedirs(f"{path}.parts", exist_ok=True)
-    counts = catalog.map_shards(_write_part, url, out, model, min_prob, table, out_storage_options,
-                                storage_options=storage_options)
-    shard_len = catalog.metadata(group)["shard_len"]
-    starts = [start for _, start, _ in catalog.shard_ranges(0, catalog.n_rows_of(group), shard_len)]
-    with fs.open(path, "w") as dest:
-        dest.write(",".join(COLUMNS) + "\n")
-        for start in starts:
-            with fs.open(_part_path(path, start), "r") as part:
-                while block := part.read(1 << 20):
-                    dest.write(block)
-    fs.rm(f"{path}.parts", recursive=True)
+    retry(fs.makedirs, f"{path}.parts", exist_ok=True)
+    counts = map_shards(_write_part, cat, out, model, min_prob, table, out_storage_options, client=client)
+    retry(_join_parts, fs, path, [start for _, start, _ in cat.shards()])
+    retry(fs.rm, f"{path}.parts", recursive=True)
     return {"rows": int(sum(counts)), "path": grids.redact(out), "model": model, "min_prob": min_prob}

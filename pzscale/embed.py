@@ -5,22 +5,22 @@ from __future__ import annotations
 import numpy as np
 from distributed import Client
 
-from pzscale import catalog
-from pzscale.inference import forward, run_model_shard, run_model_stage
-from pzscale.models import LoadedModel, ModelCard
-from pzscale.progress import StageReport
+from pzscale.ml.inference import forward, run_model_shard, run_model_stage
+from pzscale.ml.models import LoadedModel, ModelCard
+from pzscale.schema import embedding_name
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport
 
 
 def names(card: ModelCard) -> dict[str, str]:
     """Catalog variables the embed stage writes for a model."""
-    return {"embedding": f"emb__{card.id}", "scale": f"scale__{card.id}", "dim": f"{card.id}__dim",
+    return {"embedding": embedding_name(card.id), "scale": f"scale__{card.id}", "dim": f"{card.id}__dim",
             "stage": f"embed/{card.id}"}
 
 
-def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: dict) -> dict[str, np.ndarray]:
-    n, rows = names(model.card), task["stop"] - task["row_from"]
-    emb, _, scales = forward(model, pixels, batch_size=task["batch_size"], with_logits=False, tta=task["tta"],
-                             precision=task.get("precision", "fp32"))
+def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task: ShardTask) -> dict[str, np.ndarray]:
+    n, rows = names(model.card), task.new_rows
+    emb, _, scales = forward(model, pixels, batch_size=task.params["batch_size"], with_logits=False,
+                             tta=task.params["tta"], precision=task.params["precision"])
     embedding = np.full((rows, model.card.embed_dim), np.nan, np.float16)
     embedding[ok] = emb.astype(np.float16)
     scale = np.full(rows, np.nan, np.float32)
@@ -28,7 +28,7 @@ def _compute(model: LoadedModel, ok: np.ndarray, pixels: list[np.ndarray], task:
     return {n["embedding"]: embedding, n["scale"]: scale}
 
 
-def embed_shard(task: dict) -> dict:
+def embed_shard(task: ShardTask) -> ShardResult:
     """Embed the rows [row_from, stop) of one shard and write the whole shard, then its marker."""
     return run_model_shard(task, _compute)
 
@@ -53,16 +53,16 @@ def embed(
     """
     card = ModelCard.load(model_dir)
     n = names(card)
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
     attrs = {"model": card.id, "model_name": card.name, "model_version": card.version}
-    catalog.ensure_array(group, n["embedding"], dtype="float16", fill=np.nan, trailing=(card.embed_dim,),
+    cat.ensure_array(n["embedding"], dtype="float16", fill=np.nan, trailing=(card.embed_dim,),
                          dims=(n["dim"],), attrs={**attrs, "description": f"image embedding by {card.id}"})
-    catalog.ensure_array(group, n["scale"], dtype="float32", fill=np.nan,
+    cat.ensure_array(n["scale"], dtype="float32", fill=np.nan,
                          attrs={**attrs, "description": "letterbox scale, output px per source px",
                                 "image_size": card.image_size})
-    catalog.record_stage(group, n["stage"], {"model": card.id, "name": card.name, "version": card.version,
+    cat.record_stage(n["stage"], {"model": card.id, "name": card.name, "version": card.version,
                                      "kind": card.kind, "architecture": card.architecture,
                                      "batch_size": batch_size, "tta": tta, "precision": precision})
     params = {"batch_size": batch_size, "tta": tta, "precision": precision}
-    return run_model_stage(url, model_dir, embed_shard, stage=n["stage"], params=params,
-                           client=client, device=device, storage_options=storage_options, progress=progress)
+    return run_model_stage(cat, model_dir, embed_shard, stage=n["stage"], params=params,
+                           client=client, device=device, progress=progress)

@@ -30,15 +30,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
+from dataclasses import replace
 
 import numpy as np
-from distributed import Client, get_client
+from distributed import Client
 
-from pzscale import catalog, grids
-from pzscale.errors import CatalogError, InputError, StageError
+from pzscale import grids
+from pzscale.errors import CatalogError, InputError
 from pzscale.grids import JoinOptions
-from pzscale.progress import StageReport, run_shards
+from pzscale.schema import env_names
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, retry, run_stage
 
 POINT_COLUMNS = ("lat", "lon", "depth_min", "depth_max", "time")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -46,7 +47,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 def names(name: str) -> dict[str, str]:
     """Catalog variables and stage the env stage writes for a joined name."""
-    return {"value": f"env_{name}", "qc": f"env_{name}_qc", "stage": f"env/{name}"}
+    return env_names(name)
 
 
 def parse_variables(specs: list[str] | dict[str, str]) -> dict[str, str]:
@@ -66,26 +67,20 @@ def params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def env_shard(task: dict) -> dict:
-    """Join the task's variables for one shard, write every array of the shard, then the markers."""
-    started = time.perf_counter()
-    url, so = task["catalog"], task["storage_options"]
-    start, stop = task["start"], task["stop"]
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
-    points = catalog.read_rows(group, start, stop, POINT_COLUMNS)
-    options = JoinOptions(**task["options"])
-    joined = grids.join_variables(task["grid"], task["variables"], points, options=options,
-                                  storage_options=task["grid_storage_options"])
-    columns = {}
+def env_shard(task: ShardTask) -> ShardResult:
+    """Join the task's variables for one shard and write every array of the shard (the runner writes
+    one marker per variable after)."""
+    p = task.params
+    points = task.catalog.read(task.start, task.stop, POINT_COLUMNS)
+    joined = grids.join_variables(p["grid"], p["variables"], points, options=JoinOptions(**p["options"]),
+                                  storage_options=p["grid_storage_options"])
+    columns, markers = {}, {}
     for name, (values, qc) in joined.items():
         columns[names(name)["value"]], columns[names(name)["qc"]] = values, qc
-    catalog.write_arrays(group, start, stop, columns)
-    for name, (_, qc) in joined.items():
         counts = {flag: int(np.count_nonzero(qc == flag)) for flag in grids.QC_VALUES}
-        catalog.mark_done(url, names(name)["stage"], task["shard"],
-                          {"rows": [start, stop], "params": task["hashes"][name], "qc": counts},
-                          storage_options=so, replace=True)
-    return {"shard": task["shard"], "rows": stop - start, "seconds": time.perf_counter() - started}
+        markers[names(name)["stage"]] = {"params": p["hashes"][name], "qc": counts}
+    task.catalog.write(task.start, task.stop, columns)
+    return ShardResult(task.stop - task.start, markers, replace=True)
 
 
 def env(
@@ -108,12 +103,9 @@ def env(
     """
     options = options or JoinOptions()
     pairs = parse_variables(variables)
-    try:
-        client = client or get_client()
-    except ValueError:
-        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options)
-    stages = catalog.metadata(group).get("stages", {})
+    client = require_client(client)
+    cat = Catalog.open(url, storage_options)
+    stages = cat.metadata().get("stages", {})
     described, records, hashes = {}, {}, {}
     with grids.opened(grid, storage_options=grid_storage_options) as ds:
         for name, var in pairs.items():
@@ -130,44 +122,31 @@ def env(
                     "recompute it with these")
     for name, desc in described.items():
         n = names(name)
-        value = catalog.ensure_array(group, n["value"], dtype="float32", fill=np.nan)
-        value.attrs.update({**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
+        value = cat.ensure_array(n["value"], dtype="float32", fill=np.nan)
+        retry(value.attrs.update, {**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
                                                    "(NaN unless the QC is ok or land_filled)"})
-        qc = catalog.ensure_array(group, n["qc"], dtype="str", fill="")
-        qc.attrs.update({"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
+        qc = cat.ensure_array(n["qc"], dtype="str", fill="")
+        retry(qc.attrs.update, {"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
                          "flag_values": list(grids.QC_VALUES), "grid": desc["grid"], "variable": desc["variable"]})
-        catalog.record_stage(group, n["stage"], {**records[name], "params": hashes[name]})
+        cat.record_stage(n["stage"], {**records[name], "params": hashes[name]})
     resolved = {name: record["variable"] for name, record in records.items()}
-    tasks, skipped = _pending(url, resolved, hashes, storage_options)
-    common = {"catalog": url, "storage_options": storage_options, "grid": grid,
-              "grid_storage_options": grid_storage_options, "options": {**options.record(),
-                                                                        "max_box_bytes": options.max_box_bytes}}
-    stage = "env/" + ",".join(pairs)
-    run = run_shards(client, env_shard, [{**t, **common, "hashes": {k: hashes[k] for k in t["variables"]}}
-                                         for t in tasks], desc="env", skipped=skipped, show=progress)
-    report = StageReport(stage, url, len(tasks) + skipped, skipped, len(run.results), run.images, run.seconds,
-                         [f"shard {t['shard']}: {m}" for t, m in run.failures])
-    if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
-    return report
+    params = {"grid": grid, "grid_storage_options": grid_storage_options,
+              "options": {**options.record(), "max_box_bytes": options.max_box_bytes}}
+    tasks, skipped = _pending(cat, resolved, hashes, params)
+    return run_stage("env/" + ",".join(pairs), env_shard, tasks, catalog=cat, client=client, skipped=skipped,
+                     progress_bar=progress)
 
 
-def _pending(url: str, pairs: dict[str, str], hashes: dict[str, str],
-             storage_options: dict | None) -> tuple[list[dict], int]:
+def _pending(cat: Catalog, pairs: dict[str, str], hashes: dict[str, str], params: dict) -> tuple[list[ShardTask], int]:
     """One task per shard with a variable whose marker is missing, stale (other parameters) or
     short (the catalog grew since); and the count of shards with nothing to do."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
-    done = {}
-    for name in pairs:
-        infos = catalog.marker_infos(url, names(name)["stage"], storage_options=storage_options)
-        done[name] = {s for s, info in infos.items() if info.get("params") == hashes[name]
-                      and info.get("rows", [0, 0])[1] >= min(n_rows, (s + 1) * shard_len)}
-    tasks, skipped = [], 0
-    for shard, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
-        todo = {name: var for name, var in pairs.items() if shard not in done[name]}
-        if todo:
-            tasks.append({"shard": shard, "start": start, "stop": stop, "variables": todo})
-        else:
-            skipped += 1
-    return tasks, skipped
+    todo: dict[int, tuple[ShardTask, dict[str, str]]] = {}
+    for name, var in pairs.items():
+        # a shard's variables are joined together, whole: rows already joined are joined again
+        tasks, _ = pending(cat, names(name)["stage"], valid=lambda info, name=name: info.get("params") == hashes[name])
+        for task in tasks:
+            todo.setdefault(task.shard, (task, {}))[1][name] = var
+    tasks = [replace(task, row_from=task.start, stage="env", params={**params, "variables": variables,
+                                                                     "hashes": {k: hashes[k] for k in variables}})
+             for task, variables in (todo[shard] for shard in sorted(todo))]
+    return tasks, len(cat.shards()) - len(tasks)

@@ -8,29 +8,33 @@ ranks where annotated"). Labels without a lineage (detritus, bubble) are one-wor
 from __future__ import annotations
 
 import pandas as pd
+from distributed import Client
 
-from pzscale import catalog
 from pzscale.errors import CatalogError
-from pzscale.labels import SPLIT, scores, targets, truncate  # noqa: F401 - re-exported
+from pzscale.ml.labels import scores, targets, truncate  # noqa: F401 - re-exported
+from pzscale.schema import SPLIT, prediction_name
+from pzscale.stage import Catalog, map_shards
 
 
-def _shard(url: str, start: int, stop: int, label: str, split: str, so: dict | None) -> tuple[list, list]:
-    group = catalog.open_group(url, storage_options=so, check=False)
-    cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status", label])
+def _shard(cat: Catalog, start: int, stop: int, label: str, split: str) -> tuple[list, list]:
+    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", label])
     truth = targets(cols)
     keep = (cols[SPLIT] == split) & (truth != "") & (cols[label] != "")
     return truth[keep].tolist(), cols[label][keep].tolist()
 
 
-def evaluate(url: str, model_id: str, *, split: str = "test", storage_options: dict | None = None) -> pd.DataFrame:
-    """Scores of model ``model_id``'s stored predictions on the rows of ``split``."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    label = f"pred__{model_id}__label"
-    arrays = dict(group.arrays())
+def evaluate(url: str | Catalog, model_id: str, *, split: str = "test", storage_options: dict | None = None,
+             client: Client | None = None) -> pd.DataFrame:
+    """Scores of model ``model_id``'s stored predictions on the rows of ``split`` (one read task per shard,
+    on ``client`` or the current one, else in this process)."""
+    cat = Catalog.open(url, storage_options)
+    url = cat.url
+    label = prediction_name(model_id, "label")
+    arrays = cat.arrays()
     for needed, hint in ((label, "pzscale classify"), (SPLIT, "pzscale split")):
         if needed not in arrays:
             raise CatalogError(f"{url}: no {needed}; run {hint} first")
-    parts = catalog.map_shards(_shard, url, label, split, storage_options=storage_options)
+    parts = map_shards(_shard, cat, label, split, client=client)
     truth = [t for p in parts for t in p[0]]
     predicted = [t for p in parts for t in p[1]]
     if not truth:

@@ -22,7 +22,8 @@ process (``os._exit``) the first time they match, as a machine lost mid-write.
 Patterns are ``fnmatch`` globs on ``"<op>:<path>"`` with op ``read``, ``write``, ``list``,
 ``info`` or ``mkdir``. With ``log_dir`` every injected fault leaves a file there, so that
 counts (``injected``) and "fail only n times" hold across worker processes.
-Importing this module registers the protocol (stage tasks import it on every worker).
+The protocol is registered through the ``fsspec.specs`` entry point in pyproject.toml, so any
+process with pzscale installed (a worker, the CLI) opens ``faulty://`` URLs without importing it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pzscale.errors import CatalogError, PzscaleError
@@ -197,6 +197,30 @@ class FaultyFileSystem(LocalFileSystem):
             return False
         return True
 
+    def walk(self, path, maxdepth=None, topdown=True, on_error="omit", **kwargs):
+        # As s3fs's listing: a failed request is raised, not taken for an empty folder ("omit" is fsspec's
+        # default for a folder that vanished while walking, which this file system reports as not found).
+        def omit_only_missing(error):
+            if not isinstance(error, FileNotFoundError):
+                raise error
+
+        if on_error == "omit":
+            on_error = omit_only_missing
+        return super().walk(path, maxdepth=maxdepth, topdown=topdown, on_error=on_error, **kwargs)
+
+    def isdir(self, path):
+        # As s3fs: only "not found" means False; a timeout is raised, not taken for "not a folder".
+        try:
+            return self.info(path)["type"] == "directory"
+        except FileNotFoundError:
+            return False
+
+    def isfile(self, path):
+        try:
+            return self.info(path)["type"] == "file"
+        except FileNotFoundError:
+            return False
+
     def makedirs(self, path, exist_ok=False):
         self._maybe_fail("mkdir", path)
         return super().makedirs(path, exist_ok=exist_ok)
@@ -210,5 +234,3 @@ def injected(log_dir: str | os.PathLike) -> Counter:
         return Counter()
     return Counter(p.name.split("-", 1)[0] for p in folder.iterdir())
 
-
-fsspec.register_implementation(FaultyFileSystem.protocol, FaultyFileSystem, clobber=True)

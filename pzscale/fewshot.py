@@ -17,25 +17,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import dask
 import numpy as np
 import pandas as pd
+from distributed import Client
 
-from pzscale import catalog
 from pzscale.errors import CatalogError
-from pzscale.labels import SPLIT, scores, targets
+from pzscale.ml.labels import scores, targets
+from pzscale.schema import SPLIT
+from pzscale.stage import Catalog, map_shards, retry
 
 SEEDS = (0, 7, 25, 42, 100)
 SHOTS = (1, 5)
 
 
-def _scan(url: str, start: int, stop: int, embedding: str, split: str, centre_split: str, so: dict | None
+def _scan(cat: Catalog, start: int, stop: int, embedding: str, split: str, centre_split: str
           ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
     """A shard's sum and count of centring features, and its evaluated rows with their labels."""
-    group = catalog.open_group(url, storage_options=so, check=False)
-    cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status"])
+    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", embedding])
     target = targets(cols)
-    features = group[embedding][start:stop].astype(np.float32)
+    features = cols[embedding].astype(np.float32)
     finite = np.isfinite(features).all(1)
     centre = (cols[SPLIT] == centre_split) & finite
     evaluated = np.flatnonzero((cols[SPLIT] == split) & (target != "") & finite)
@@ -70,12 +70,11 @@ def nearest_prototype(queries: np.ndarray, prototypes: np.ndarray) -> np.ndarray
     return distance.argmin(1)
 
 
-def _predict(url: str, start: int, stop: int, embedding: str, mean: np.ndarray, episodes: list[dict],
-             rows: np.ndarray, so: dict | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def _predict(cat: Catalog, start: int, stop: int, embedding: str, mean: np.ndarray, episodes: list[dict],
+             rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per episode: this shard's query rows and their predicted class index."""
-    group = catalog.open_group(url, storage_options=so, check=False)
     here = rows[(rows >= start) & (rows < stop)]
-    features = normalise(group[embedding][start:stop][here - start], mean)
+    features = normalise(cat.group()[embedding][start:stop][here - start], mean)
     out = []
     for episode in episodes:
         query = ~np.isin(here, episode["support_rows"])
@@ -92,22 +91,23 @@ def fewshot(
     seeds: Sequence[int] = SEEDS,
     centre_split: str = "train",
     storage_options: dict | None = None,
+    client: Client | None = None,
 ) -> pd.DataFrame:
     """SimpleShot scores of the embedding array ``embedding`` on the rows of ``split``.
 
     Returns one row per (shots, rank): macro-F1 and accuracy averaged over ``seeds`` (and the standard
-    deviation of macro-F1), queries and classes. Runs on the current Dask scheduler (a distributed client
-    when one is active).
+    deviation of macro-F1), queries and classes. One read task per shard on ``client`` or the current
+    one (in this process without one).
     """
-    so = storage_options
-    group = catalog.open_group(url, storage_options=so)
-    arrays = dict(group.arrays())
+    cat = Catalog.open(url, storage_options)
+    url = cat.url
+    arrays = dict(retry(lambda: dict(cat.group().arrays())))
     for needed, hint in ((embedding, "pzscale embed or pzscale zeroshot"), (SPLIT, "pzscale split")):
         if needed not in arrays:
             raise CatalogError(f"{url}: no {needed}; run {hint} first")
     if arrays[embedding].ndim != 2:
         raise CatalogError(f"{url}: {embedding} is not a (rows x features) embedding array")
-    parts = catalog.map_shards(_scan, url, embedding, split, centre_split, storage_options=so)
+    parts = map_shards(_scan, cat, embedding, split, centre_split, client=client)
     count = sum(p[1] for p in parts)
     if not count:
         raise CatalogError(f"{url}: no {centre_split} rows with {embedding}; cannot centre the features")
@@ -121,14 +121,13 @@ def fewshot(
     for seed in seeds:
         for k in shots:
             support = draw_supports(labels, k, seed)
-            features = normalise(arrays[embedding].get_orthogonal_selection((rows[support],)), mean)
+            features = normalise(retry(arrays[embedding].get_orthogonal_selection, (rows[support],)), mean)
             prototypes = np.zeros((len(classes), features.shape[1]), np.float32)
             np.add.at(prototypes, codes[support], features)
             prototypes /= np.bincount(codes[support], minlength=len(classes))[:, None]
             episodes.append({"shots": k, "seed": seed, "support_rows": rows[support], "prototypes": prototypes})
-    # one copy of the episodes and rows in the graph, not one per shard task
-    shared, shared_rows = dask.delayed(episodes, traverse=False), dask.delayed(rows, traverse=False)
-    per_shard = catalog.map_shards(_predict, url, embedding, mean, shared, shared_rows, storage_options=so)
+    # map_shards sends the episodes and rows to the workers once, not once per shard task
+    per_shard = map_shards(_predict, cat, embedding, mean, episodes, rows, client=client)
     truth_of = dict(zip(rows.tolist(), labels, strict=True))
     tables = []
     for i, episode in enumerate(episodes):

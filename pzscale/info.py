@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 
 from pzscale import catalog
+from pzscale.stage import Catalog, map_shards, retry
 
 
-def _count_shard(url: str, start: int, stop: int, storage_options: dict | None) -> dict:
-    group = catalog.open_group(url, storage_options=storage_options)
-    cols = catalog.read_rows(group, start, stop, ["source", "status", "lineage", "proposed_label"])
+def _count_shard(cat: Catalog, start: int, stop: int) -> dict:
+    cols = cat.read(start, stop, ["source", "status", "lineage", "proposed_label"])
     return {
         "sources": Counter(cols["source"].tolist()),
         "status": Counter(cols["status"].tolist()),
@@ -20,30 +20,29 @@ def _count_shard(url: str, start: int, stop: int, storage_options: dict | None) 
     }
 
 
-def _label_shard(url: str, start: int, stop: int, storage_options: dict | None) -> Counter:
-    group = catalog.open_group(url, storage_options=storage_options)
-    cols = catalog.read_rows(group, start, stop, ["source", "original_label", "lineage"])
+def _label_shard(cat: Catalog, start: int, stop: int) -> Counter:
+    cols = cat.read(start, stop, ["source", "original_label", "lineage"])
     return Counter(zip(cols["source"].tolist(), cols["original_label"].tolist(), cols["lineage"].tolist(),
                        strict=True))
 
 
-def label_mappings(url: str, *, storage_options: dict | None = None) -> Counter:
+def label_mappings(url: str | Catalog, *, storage_options: dict | None = None) -> Counter:
     """Image counts by (source, original label, lineage) over the catalog, one task per shard."""
-    return sum(catalog.map_shards(_label_shard, url, storage_options=storage_options), Counter())
+    return sum(map_shards(_label_shard, Catalog.open(url, storage_options)), Counter())
 
 
-def summarize(url: str, *, storage_options: dict | None = None) -> dict:
+def summarize(url: str | Catalog, *, storage_options: dict | None = None) -> dict:
     """Counts over the whole catalog, one task per shard (memory stays flat as it grows)."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    meta = catalog.metadata(group)
-    n_rows, shard_len = catalog.n_rows_of(group), meta["shard_len"]
-    ranges = catalog.shard_ranges(0, n_rows, shard_len)
-    parts = catalog.map_shards(_count_shard, url, storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
+    meta = cat.metadata()
+    n_rows, shard_len = cat.n_rows, cat.shard_len
+    ranges = cat.shards()
+    parts = map_shards(_count_shard, cat)
     total: dict = {"sources": Counter(), "status": Counter(), "with_lineage": 0, "with_label": 0}
     for p in parts:
         for key in total:
             total[key] += p[key]
-    stages = catalog.stages_done(url, storage_options=storage_options)
+    stages = retry(catalog.stages_done, url, storage_options=storage_options)
     plans = []
     for p in meta["plans"]:
         expected = len(catalog.shard_ranges(p["row_start"], p["row_stop"], shard_len))

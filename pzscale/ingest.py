@@ -14,11 +14,12 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import socket
-import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.metadata import version
@@ -28,12 +29,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from distributed import Client, get_client
+from distributed import Client
 
 from pzscale import catalog, images, readers, taxonomy
 from pzscale.errors import CatalogError, InputError, StageError, one_line
 from pzscale.limits import Limits, using
-from pzscale.progress import run_shards
 from pzscale.readers.base import Item
 from pzscale.schema import (
     NUMBER_FROM_PARQUET,
@@ -46,6 +46,7 @@ from pzscale.schema import (
     instrument_of,
     lineage,
 )
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, retry, run_stage
 
 STAGE = "ingest"
 
@@ -297,74 +298,40 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
 
 
 @lru_cache(maxsize=8)
-def _stored_plan(url: str, plan_id: str, storage_options_key: str) -> Plan:
+def _stored_plan(cat: Catalog, plan_id: str) -> Plan:
     """Each worker reads a plan once (one GET), not once per shard."""
-    so = json.loads(storage_options_key) if storage_options_key else None
-    return Plan.from_dict(catalog.get_json(url, f"plans/{plan_id}.json", storage_options=so))
+    return Plan.from_dict(catalog.get_json(cat.url, f"plans/{plan_id}.json", storage_options=cat.options))
 
 
-def ingest_shard(task: dict) -> dict:
-    """Write one catalog shard from its input rows, then its done marker."""
-    with using(task.get("limits")):
+def ingest_shard(task: ShardTask) -> ShardResult:
+    """Write one catalog shard from its input rows (the runner writes its done marker after)."""
+    with using(task.params["limits"]):
         return _ingest_shard(task)
 
 
-def _ingest_shard(task: dict) -> dict:
-    started = time.perf_counter()
-    url, so = task["catalog"], task["storage_options"]
-    so_key = json.dumps(so, sort_keys=True) if so else ""
-    plan = _stored_plan(url, task["plan"], so_key)
+def _ingest_shard(task: ShardTask) -> ShardResult:
+    cat, p = task.catalog, task.params
+    plan = _stored_plan(cat, p["plan"])
     tables, row_names = [], []
-    for index, first, stop in task["segments"]:
+    for index, first, stop in p["segments"]:
         item = plan.items[index]
-        tables.append(readers.get(plan.readers[index]).read(item, first, stop, storage_options=so))
+        tables.append(readers.get(plan.readers[index]).read(item, first, stop, storage_options=cat.options))
         name = os.path.basename(item.source.rstrip("/"))
         row_names += [f"{name}#{r}" for r in range(first, stop)]
     table = pa.concat_tables(tables, promote_options="permissive")
     columns = columns_from_table(table, row_names=row_names)
-    if task.get("taxonomy"):
-        table_df = taxonomy.cached_table(task["taxonomy"], so_key)
-        taxonomy.apply(table_df, columns, table_source=task.get("taxonomy_source"))
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)  # write_rows checks
-    shard_start = task["shard"] * task["shard_len"]
+    if p["taxonomy"]:
+        so_key = json.dumps(cat.options, sort_keys=True) if cat.options else ""
+        taxonomy.apply(taxonomy.cached_table(p["taxonomy"], so_key), columns, table_source=p["taxonomy_source"])
     # a shard that begins with rows of an earlier collection (append) rewrites them unchanged
-    columns = catalog.with_stored_rows(group, shard_start, task["start"], columns)
-    catalog.write_rows(group, shard_start, task["stop"], columns)
-    counts = Counter(columns["status"][task["start"] - shard_start :])
-    info = {"rows": [task["start"], task["stop"]], "plan": task["plan"], "status": dict(counts)}
-    catalog.mark_done(url, task["stage"], task["shard"], info, storage_options=so)
-    return {"shard": task["shard"], "rows": task["stop"] - task["start"], "status": dict(counts),
-            "seconds": time.perf_counter() - started}
+    columns = catalog.with_stored_rows(cat.group("r+"), task.start, task.row_from, columns)
+    catalog.write_rows(cat.group("r+"), task.start, task.stop, columns)
+    counts = dict(Counter(columns["status"][task.row_from - task.start :]))
+    return ShardResult(task.new_rows, {task.stage: {"rows": [task.row_from, task.stop], "plan": p["plan"],
+                                                    "status": counts}}, status=counts)
 
 
 # ---------------------------------------------------------------- the stage
-
-
-@dataclass
-class IngestReport:
-    catalog: str
-    plan_id: str
-    rows: tuple[int, int]
-    shards_total: int
-    shards_skipped: int
-    shards_written: int
-    status: dict[str, int] = field(default_factory=dict)
-    input_errors: list[str] = field(default_factory=list)  # items that yielded no rows
-    failures: list[str] = field(default_factory=list)  # shards that failed
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-
-    def __str__(self) -> str:
-        lines = [
-            f"ingest {self.plan_id} -> {self.catalog}: rows {self.rows[0]}..{self.rows[1]}, "
-            f"{self.shards_written} shard(s) written, {self.shards_skipped} already done, "
-            f"of {self.shards_total}",
-            f"  status: {', '.join(f'{k}={v}' for k, v in sorted(self.status.items())) or 'none new'}",
-            f"  {self.seconds:.1f} s, {self.images_per_second:,.0f} images/s",
-        ]
-        lines += [f"  SKIPPED INPUT {e}" for e in self.input_errors]
-        lines += [f"  FAILED {f}" for f in self.failures]
-        return "\n".join(lines)
 
 
 def _prepare(probe: Plan, url: str, shard_len: int | None, append: bool, storage_options: dict | None) -> Plan:
@@ -423,27 +390,23 @@ def metadata_lock(url: str, *, storage_options: dict | None = None) -> Iterator[
     """
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     path = root.rstrip("/") + LOCK_SUFFIX
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    retry(fs.makedirs, posixpath.dirname(path), exist_ok=True)
     holder = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.now(UTC).isoformat(timespec="seconds")}
-    try:
-        # "xb" is an exclusive create: O_EXCL on local disks, If-None-Match: * on S3 (s3fs)
-        with fs.open(path, "xb") as f:
-            f.write(json.dumps(holder).encode())
-    except OSError as e:
-        if not (isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e)):
-            raise
+              "since": datetime.now(UTC).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+    # a create whose reply was lost is retried and finds the lock there: ours if it holds our token
+    if not retry(catalog.create_only, fs, path, json.dumps(holder).encode()):
         try:
-            other = json.loads(fs.cat_file(path))
+            other = json.loads(retry(fs.cat_file, path))
             who = f"{other.get('host')} pid {other.get('pid')} since {other.get('since')}"
-        except (OSError, ValueError):
-            who = "unknown holder"
-        raise CatalogError(f"{url}: another ingest is changing this catalog ({who}); wait for it, or delete "
-                           f"{fs.unstrip_protocol(path)} if that process is gone") from None
+        except (OSError, ValueError, StageError):
+            other, who = {}, "unknown holder"
+        if other.get("token") != holder["token"]:
+            raise CatalogError(f"{url}: another ingest is changing this catalog ({who}); wait for it, or delete "
+                               f"{fs.unstrip_protocol(path)} if that process is gone")
     try:
         yield
     finally:
-        fs.rm_file(path)
+        retry(fs.rm_file, path)
 
 
 def _plan_record(plan: Plan) -> dict:
@@ -470,7 +433,7 @@ def ingest(
     storage_options: dict | None = None,
     progress: bool = True,
     limits: Limits | None = None,
-) -> IngestReport:
+) -> StageReport:
     """Ingest ``sources`` (files or folders of any supported format) into the catalog at ``url``.
 
     ``format`` names the reader (default: guessed per source); ``source`` names the collection
@@ -484,44 +447,31 @@ def ingest(
     Two ingests into one catalog at once: the one that comes second is refused (CatalogError).
     """
     catalog.check_url(url)
-    try:
-        client = client or get_client()
-    except ValueError:
-        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
+    client = require_client(client)
     # a bad table fails before any write; its hash is recorded with the stage's parameters
-    table_sha = taxonomy.read_table(taxonomy_table, storage_options=storage_options).attrs["sha256"] \
+    table_sha = retry(taxonomy.read_table, taxonomy_table, storage_options=storage_options).attrs["sha256"] \
         if taxonomy_table else None
     meta_len = None
-    if catalog.exists(url, storage_options=storage_options):
-        meta_len = catalog.metadata(catalog.open_group(url, storage_options=storage_options, check=False))["shard_len"]
+    if retry(catalog.exists, url, storage_options=storage_options):
+        meta_len = Catalog.open(url, storage_options, check=False).shard_len
     limits = limits or Limits.from_env()
     with using(limits):
-        probe = make_plan(list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN, format=format,
-                          source=source, storage_options=storage_options)
+        probe = retry(make_plan, list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN,
+                      format=format, source=source, storage_options=storage_options)
     with metadata_lock(url, storage_options=storage_options):
-        plan = _prepare(probe, url, shard_len, append, storage_options)
-        group = catalog.open_group(url, mode="r+", storage_options=storage_options, check=False)
-        catalog.record_stage(group, plan.stage, {"format": format, "source": source,
-                                                 "taxonomy_table": taxonomy_table, "taxonomy_source": taxonomy_source,
-                                                 "taxonomy_sha256": table_sha, "limits": limits.to_dict()})
-    done = catalog.done_shards(url, plan.stage, storage_options=storage_options)
-    all_tasks = plan.shard_tasks()
-    common = {"catalog": url, "storage_options": storage_options, "plan": plan.id, "stage": plan.stage,
-              "shard_len": plan.shard_len, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source,
+        plan = retry(_prepare, probe, url, shard_len, append, storage_options)
+        cat = Catalog.open(url, storage_options, check=False)
+        cat.record_stage(plan.stage, {"format": format, "source": source, "taxonomy_table": taxonomy_table,
+                                      "taxonomy_source": taxonomy_source, "taxonomy_sha256": table_sha,
+                                      "limits": limits.to_dict()})
+    params = {"plan": plan.id, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source,
               "limits": limits.to_dict()}
-    tasks = [{**t, **common} for t in all_tasks if t["shard"] not in done]
-    run = run_shards(client, ingest_shard, tasks, desc="ingest", skipped=len(all_tasks) - len(tasks),
-                     show=progress)
-    status: Counter = Counter()
-    for r in run.results:
-        status.update(r["status"])
-    report = IngestReport(
-        catalog=url, plan_id=plan.id, rows=(plan.row_start, plan.row_stop),
-        shards_total=len(all_tasks), shards_skipped=len(all_tasks) - len(tasks),
-        shards_written=len(run.results), status=dict(status), input_errors=plan.errors,
-        failures=[f"shard {t['shard']}: {msg}" for t, msg in run.failures],
-        seconds=run.seconds, images_per_second=run.images_per_second,
-    )
-    if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; fix and rerun to resume:\n{report}")
-    return report
+    ranges = [(t["shard"], t["shard"] * plan.shard_len, t["stop"]) for t in plan.shard_tasks()]
+    tasks, skipped = pending(cat, plan.stage, params=params, ranges=ranges)
+    segments = {t["shard"]: t for t in plan.shard_tasks()}
+    # a shard is ingested whole or not at all: its marker is written last, so a marked shard is done
+    tasks = [replace(t, row_from=segments[t.shard]["start"], params={**t.params, "segments":
+                                                                       segments[t.shard]["segments"]})
+             for t in tasks]
+    return run_stage(plan.stage, ingest_shard, tasks, catalog=cat, client=client, skipped=skipped,
+                     progress_bar=progress, rows=(plan.row_start, plan.row_stop), input_errors=plan.errors)

@@ -1,6 +1,6 @@
-"""Run one task per shard on a Dask cluster, with a progress bar (terminal or notebook).
+"""Tasks on a Dask cluster with a progress bar (terminal or notebook), and the retry rule.
 
-Shared by every stage: shards done/total, images/s and ETA; failures are collected per
+Used by ``stage`` for every stage: shards done/total, images/s and ETA; failures are collected per
 shard instead of stopping the other shards. A shard task that hits a transient storage
 error (timeout, dropped connection, throttling: ``faults.is_transient``) is run again
 inside the worker after an exponential, jittered pause; shard tasks are idempotent
@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,8 @@ class Backoff:
 DEFAULT_BACKOFF = Backoff()
 
 
-def call_with_backoff(fn: Callable[[Any], Any], arg: Any, *, backoff: Backoff) -> Any:
-    """``fn(arg)``, run again after a pause while it raises a transient error, up to ``backoff.attempts`` runs.
+def call_with_backoff(fn: Callable[..., Any], *args: Any, backoff: Backoff) -> Any:
+    """``fn(*args)``, run again after a pause while it raises a transient error, up to ``backoff.attempts`` runs.
 
     Any other error goes through at once. When the attempts run out, a StageError says how many
     there were and what the last error was (the original error is its cause).
@@ -50,7 +51,7 @@ def call_with_backoff(fn: Callable[[Any], Any], arg: Any, *, backoff: Backoff) -
     started = time.monotonic()
     for attempt in range(1, backoff.attempts + 1):
         try:
-            return fn(arg)
+            return fn(*args)
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -63,8 +64,8 @@ def call_with_backoff(fn: Callable[[Any], Any], arg: Any, *, backoff: Backoff) -
 
 @dataclass
 class ShardRun:
-    results: list[dict] = field(default_factory=list)
-    failures: list[tuple[dict, str]] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    failures: list[tuple[Any, str]] = field(default_factory=list)
     images: int = 0
     seconds: float = 0.0
 
@@ -74,9 +75,9 @@ class ShardRun:
 
 
 def run_shards(
-    client: Client,
-    fn: Callable[[dict], dict],
-    tasks: list[dict],
+    client: Client | None,
+    fn: Callable[..., Any],
+    tasks: list[Any],
     *,
     desc: str,
     skipped: int = 0,
@@ -84,60 +85,58 @@ def run_shards(
     retries: int = 2,
     resources: dict | None = None,
     backoff: Backoff | None = None,
+    args: list[Any] | tuple[Any, ...] = (),
+    ordered: bool = False,
 ) -> ShardRun:
-    """Submit ``fn(task)`` for every task and wait, updating a progress bar.
+    """Submit ``fn(task, *args)`` for every task (each with a ``shard``) and wait, updating a progress bar.
 
-    ``fn`` returns a dict with at least ``rows`` (images processed). Exceptions raised
-    by a task (after ``retries``) are recorded with the task; the others still run.
-    Transient storage errors are retried inside the task with ``backoff`` (default
-    ``DEFAULT_BACKOFF``); ``retries`` then reruns a task whatever it raised, at once; a dead
-    worker is handled by Dask itself. ``resources`` (``{"GPU": 1}``) pins tasks to workers
-    that advertise them.
+    A result that is a dict with ``rows`` counts that many images. Exceptions raised by a task
+    (after ``retries``) are recorded with the task; the others still run. Transient storage errors
+    are retried inside the task with ``backoff`` (default ``DEFAULT_BACKOFF``); ``retries`` then
+    reruns a task whatever it raised, at once; a dead worker is handled by Dask itself.
+    ``resources`` (``{"GPU": 1}``) pins tasks to workers that advertise them. Results come in
+    completion order, or in task order with ``ordered``. Without a client the tasks run one after
+    the other in this process, on the same retry rule.
     """
     run = ShardRun()
     start = time.perf_counter()
     bar = tqdm(total=len(tasks) + skipped, initial=skipped, desc=desc, unit="shard", disable=not show)
-    keys = [f"{desc}-shard-{t['shard']}-{time.time_ns()}" for t in tasks]
     task_fn = functools.partial(call_with_backoff, fn, backoff=backoff or DEFAULT_BACKOFF)
-    futures = client.map(task_fn, tasks, key=keys, pure=False, retries=retries, resources=resources)
-    by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
-    for future in as_completed(futures):
-        task = by_key[future.key]
+    done: dict[int, Any] = {}
+    for i, future in _submitted(client, task_fn, tasks, args, desc=desc, retries=retries, resources=resources):
         try:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - a shard failure is data; the run goes on
-            run.failures.append((task, f"{type(e).__name__}: {e}"))
+            run.failures.append((tasks[i], f"{type(e).__name__}: {e}"))
         else:
-            run.results.append(result)
-            run.images += result["rows"]
+            done[i] = result
+            if isinstance(result, dict) and "rows" in result:
+                run.images += result["rows"]
         run.seconds = time.perf_counter() - start
         bar.set_postfix(images_per_s=f"{run.images_per_second:,.0f}", failed=len(run.failures))
         bar.update(1)
-        future.release()
     bar.close()
+    run.results = [done[i] for i in sorted(done)] if ordered else list(done.values())
     run.seconds = time.perf_counter() - start
     return run
 
 
-@dataclass
-class StageReport:
-    """What a stage over catalog shards did, for the CLI and notebooks."""
-
-    stage: str
-    catalog: str
-    shards_total: int
-    shards_skipped: int
-    shards_written: int
-    rows_computed: int
-    seconds: float
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rows_computed / self.seconds if self.seconds else 0.0
-
-    def __str__(self) -> str:
-        lines = [f"{self.stage} -> {self.catalog}: {self.shards_written} shard(s) written, {self.shards_skipped} "
-                 f"already done, of {self.shards_total}; {self.rows_computed:,} images computed in "
-                 f"{self.seconds:.1f} s ({self.images_per_second:,.0f} images/s)"]
-        return "\n".join(lines + [f"  FAILED {f}" for f in self.failures])
+def _submitted(client: Client | None, fn: Callable[..., Any], tasks: list[Any], args: list[Any] | tuple[Any, ...], *,
+               desc: str, retries: int, resources: dict | None) -> Iterator[tuple[int, Any]]:
+    """(task index, finished future) as tasks finish: Dask futures, or futures run here when there is no client."""
+    if client is None:
+        for i, task in enumerate(tasks):
+            future: Future = Future()
+            try:
+                future.set_result(fn(task, *args))
+            except Exception as e:  # noqa: BLE001 - handed to the caller like a Dask task's error
+                future.set_exception(e)
+            yield i, future
+        return
+    keys = [f"{desc}-shard-{t.shard}-{time.time_ns()}" for t in tasks]
+    repeated = [[a] * len(tasks) for a in args]
+    futures = client.map(fn, tasks, *repeated, key=keys, pure=False, retries=retries, resources=resources)
+    position = {f.key: i for i, f in enumerate(futures)}
+    for future in as_completed(futures):
+        yield position[future.key], future
+        future.release()

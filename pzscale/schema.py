@@ -161,3 +161,44 @@ def instrument_of(source: str) -> str:
     suffix = source.rsplit("_", 1)[-1].lower()
     by_family = {v.lower(): v for v in INSTRUMENT_FAMILIES}
     return by_family.get(suffix, "")
+
+
+# ---------------------------------------------------------------- names of stage outputs
+# Every array a stage adds to the catalog is named here, so stages that read another stage's
+# outputs (abundance, dwc, evaluate, split, train, dedup) never spell the pattern themselves.
+
+PREDICTION_PREFIX, EMBEDDING_PREFIX = "pred__", "emb__"
+DUPLICATE_METHODS = ("exact", "near", "semantic")
+DUPLICATE_KEEP = "dup_keep"
+SPLIT = "split"
+
+
+def prediction_name(model: str, key: str) -> str:
+    """``pred__<model>__<key>``: key ``label``, ``prob``, ``topk_label``, ``topk_prob``, a rank or ``<rank>_prob``."""
+    return f"{PREDICTION_PREFIX}{model}__{key}"
+
+
+def embedding_name(model: str) -> str:
+    """``emb__<model>``: a model's float16 image embeddings (rows x dim); also accepts the name itself."""
+    return model if model.startswith(EMBEDDING_PREFIX) else f"{EMBEDDING_PREFIX}{model}"
+
+
+def predicting_models(names: list[str] | set[str]) -> list[str]:
+    """Models with class predictions among array ``names`` (those with ``pred__<model>__label``)."""
+    return sorted({n[len(PREDICTION_PREFIX):].rsplit("__", 1)[0] for n in names
+                   if n.startswith(PREDICTION_PREFIX) and n.endswith("__label")})
+
+
+def embedding_arrays(names: list[str] | set[str]) -> list[str]:
+    """The ``emb__<model>`` arrays among ``names``."""
+    return sorted(n for n in names if n.startswith(EMBEDDING_PREFIX))
+
+
+def duplicate_name(method: str) -> str:
+    """``dup_<method>``: per row the catalog row of its duplicate group's kept row."""
+    return f"dup_{method}"
+
+
+def env_names(name: str) -> dict[str, str]:
+    """Arrays and marker stage of an environmental join named ``name``."""
+    return {"value": f"env_{name}", "qc": f"env_{name}_qc", "stage": f"env/{name}"}

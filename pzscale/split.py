@@ -21,28 +21,31 @@ rows take the split of one member (the first in the seeded order). The paper has
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
-import dask
 import numpy as np
 import pandas as pd
+from distributed import Client
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pzscale import catalog
 from pzscale.errors import CatalogError
-from pzscale.labels import SPLIT, targets
+from pzscale.ml.labels import targets
+from pzscale.schema import DUPLICATE_METHODS, SPLIT, duplicate_name
+from pzscale.stage import Catalog, ShardResult, ShardTask, map_shards, pending, run_stage
 
 UNSEEN, UNSEEN_SEEN_CLASS, UNSEEN_DUPLICATE = "unseen", "unseen_seen_class", "unseen_duplicate"
-DUPLICATE_ARRAYS = ("dup_exact", "dup_near", "dup_semantic")
+DUPLICATE_ARRAYS = tuple(duplicate_name(m) for m in DUPLICATE_METHODS)
 # the Planktonzilla paper's held-out sources (its unseen benchmark: 220 classes, 113,089 images)
 PAPER_UNSEEN_SOURCES = ("global_uvp5", "planktoscope", "planktonset1.0", "syke_ifcb_2022")
 
 
-def _shard_keys(url: str, start: int, stop: int, seed: int, duplicates: list[str], so: dict | None) -> tuple:
-    group = catalog.open_group(url, storage_options=so, check=False)
-    cols = catalog.read_rows(group, start, stop, ["source", "lineage", "proposed_label", "status", "image_id",
+def _shard_keys(cat: Catalog, start: int, stop: int, seed: int, duplicates: list[str]) -> tuple:
+    cols = cat.read(start, stop, ["source", "lineage", "proposed_label", "status", "image_id",
                                                   *duplicates])
     # a seeded order that does not depend on where a row sits in the catalog
     order = pd.util.hash_array(cols["image_id"].astype(object), hash_key=f"pzscale{seed:09d}"[:16])
@@ -50,10 +53,9 @@ def _shard_keys(url: str, start: int, stop: int, seed: int, duplicates: list[str
     return cols["source"].astype(object), targets(cols), order, dup
 
 
-def _write_shard(url: str, start: int, stop: int, values: np.ndarray, so: dict | None) -> int:
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
-    catalog.write_arrays(group, start, stop, {SPLIT: values})
-    return stop - start
+def _write_shard(task: ShardTask) -> ShardResult:
+    task.catalog.write(task.start, task.stop, {SPLIT: task.params["values"]})
+    return ShardResult(task.stop - task.start, {SPLIT: {"params": task.params["digest"]}}, replace=True)
 
 
 def duplicate_components(groups: np.ndarray) -> np.ndarray:
@@ -103,10 +105,10 @@ def _first_member_split(split: np.ndarray, component: np.ndarray, order: np.ndar
     return out
 
 
-def _duplicate_arrays(group, dedup: bool | str | Sequence[str], url: str) -> list[str]:
+def _duplicate_arrays(cat: Catalog, dedup: bool | str | Sequence[str]) -> list[str]:
     if dedup is False or dedup is None:
         return []
-    present = set(dict(group.arrays()))
+    url, present = cat.url, set(cat.arrays())
     if dedup is True:
         names = [d for d in DUPLICATE_ARRAYS if d in present]
         if not names:
@@ -128,19 +130,19 @@ def assign_splits(
     unseen_sources: tuple[str, ...] = (),
     dedup: bool | str | Sequence[str] = False,
     storage_options: dict | None = None,
+    client: Client | None = None,
 ) -> dict[str, int]:
     """Write the ``split`` variable (see the module docstring) and return its counts.
 
     ``dedup``: True to keep the duplicate groups of every ``dup_*`` array present inside one split, or
     the name(s) of the arrays to use. Memory on the client is about 30 bytes per image plus the
-    duplicate groups (8 bytes per image and grouping); reads and writes run one task per shard.
+    duplicate groups (8 bytes per image and grouping); reads and writes run one task per shard (on
+    ``client`` or the current one; reads run in this process without one). A shard is marked done
+    with the parameters' digest, so a rerun with the same parameters writes only unmarked shards.
     """
-    so = storage_options
-    group = catalog.open_group(url, mode="r+", storage_options=so)
-    duplicates = _duplicate_arrays(group, dedup, url)
-    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
-    ranges = catalog.shard_ranges(0, n_rows, shard_len)
-    parts = catalog.map_shards(_shard_keys, url, seed, duplicates, storage_options=so)
+    cat = Catalog.open(url, storage_options)
+    duplicates = _duplicate_arrays(cat, dedup)
+    parts = map_shards(_shard_keys, cat, seed, duplicates, client=client)
     source = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, object)
     target = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, object)
     order = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint64)
@@ -159,11 +161,15 @@ def assign_splits(
         split[(split == UNSEEN) & np.isin(component, seen_components)] = UNSEEN_DUPLICATE
     record = {"seed": seed, "fractions": list(fractions), "min_count": min_count,
               "unseen_sources": list(unseen_sources), "dedup": duplicates}
-    catalog.ensure_array(group, SPLIT, dtype="str", fill="", attrs={
+    cat.ensure_array(SPLIT, dtype="str", fill="", attrs={
         "description": "train/val/test (stratified per source and label); unseen (held-out sources, classes "
                        "absent from train); unseen_seen_class, unseen_duplicate (held-out rows left out of the "
                        "unseen benchmark); '' (no label or no image)", **record})
-    dask.compute(*[dask.delayed(_write_shard)(url, a, b, split[a:b], so) for _, a, b in ranges])
+    # the split of every row depends on all rows: a grown catalog is split again whole
+    digest = hashlib.sha256(json.dumps({**record, "rows": cat.n_rows}, sort_keys=True).encode()).hexdigest()[:16]
+    tasks, skipped = pending(cat, SPLIT, valid=lambda info: info.get("params") == digest)
+    tasks = [replace(t, row_from=t.start, params={"values": split[t.start:t.stop], "digest": digest}) for t in tasks]
+    run_stage(SPLIT, _write_shard, tasks, catalog=cat, client=client, skipped=skipped, progress_bar=False)
     keys = pd.unique((source + "\x1f" + target)[labelled])
-    catalog.record_stage(group, SPLIT, {**record, "groups": int(len(keys))})
+    cat.record_stage(SPLIT, {**record, "groups": int(len(keys))})
     return dict(Counter(split.tolist()))

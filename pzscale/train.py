@@ -14,16 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pzscale import catalog
-from pzscale.augment import augment, make_augmentation, seed_for
 from pzscale.errors import CatalogError, ModelError
-from pzscale.models import ModelCard, builtin_backbone, load_model, make_head, save_model
-from pzscale.preprocess import prepare_batch
-from pzscale.trainset import GREY_MEAN, GREY_STD, batches, split_rows, training_hash  # noqa: F401
+from pzscale.ml.augment import augment, make_augmentation, seed_for
+from pzscale.ml.models import ModelCard, builtin_backbone, load_model, make_head, save_model
+from pzscale.ml.preprocess import prepare_batch
+from pzscale.ml.trainset import GREY_MEAN, GREY_STD, batches, split_rows, training_hash  # noqa: F401
+from pzscale.schema import embedding_name
+from pzscale.stage import Catalog, retry
 
 
 def train(
-    url: str,
+    url: str | Catalog,
     out_dir: str,
     *,
     objective: str = "supervised",
@@ -57,17 +58,18 @@ def train(
     name, lr, device = name or "pzscale-cnn", 3e-3 if lr is None else lr, device or "cpu"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_rows = split_rows(url, "train", storage_options=storage_options)
-    val_rows = split_rows(url, "val", storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
+    url = cat.url
+    train_rows, val_rows = split_rows(cat, "train"), split_rows(cat, "val")
     classes = sorted({t for _, _, target, _ in train_rows for t in target})
     if len(classes) < 2:
         raise CatalogError(f"{url}: the train split has {len(classes)} label(s); need at least 2")
     index = {c: i for i, c in enumerate(classes)}
     data_hash = training_hash(train_rows)
     if backbone_dir and not fine_tune:
-        return _train_head(url, out_dir, backbone_dir, train_rows, val_rows, index, data_hash, name=name,
-                           version=version, head=head, epochs=epochs, lr=lr, storage_options=storage_options, log=log)
-    group = catalog.open_group(url, storage_options=storage_options)
+        return _train_head(cat, out_dir, backbone_dir, train_rows, val_rows, index, data_hash, name=name,
+                           version=version, head=head, epochs=epochs, lr=lr, log=log)
+    group = cat.group()
     if backbone_dir:
         base = load_model(backbone_dir, device=device)
         backbone, c = base.backbone, base.card
@@ -121,17 +123,16 @@ def _accuracy(group: Any, rows: list, index: dict[str, int], net: Any, size: int
     return correct / total if total else float("nan")
 
 
-def _train_head(url: str, out_dir: str, backbone_dir: str, train_rows: list, val_rows: list, index: dict[str, int],
-                data_hash: str, *, name: str, version: str, head: str, epochs: int, lr: float,
-                storage_options: dict | None, log: Any) -> ModelCard:
+def _train_head(cat: Catalog, out_dir: str, backbone_dir: str, train_rows: list, val_rows: list,
+                index: dict[str, int], data_hash: str, *, name: str, version: str, head: str, epochs: int, lr: float,
+                log: Any) -> ModelCard:
     backbone = load_model(backbone_dir)
-    variable = f"emb__{backbone.card.id}"
-    group = catalog.open_group(url, storage_options=storage_options)
-    if variable not in dict(group.arrays()):
+    url, variable = cat.url, embedding_name(backbone.card.id)
+    if variable not in cat.arrays():
         raise CatalogError(f"{url}: no {variable}; run pzscale embed with {backbone_dir} first")
 
     def load(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = [group[variable].get_orthogonal_selection((r,)) for _, r, _, _ in rows if len(r)]
+        emb = [retry(cat.group()[variable].get_orthogonal_selection, (r,)) for _, r, _, _ in rows if len(r)]
         ys = [index[t] for _, _, target, _ in rows for t in target if t in index]
         keep = np.concatenate([np.isin(target, list(index)) for _, _, target, _ in rows if len(target)])
         x = torch.from_numpy(np.concatenate(emb).astype(np.float32)[keep])

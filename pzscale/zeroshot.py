@@ -26,37 +26,46 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from distributed import Client, get_client
+from distributed import Client
 
 from pzscale import catalog, images
-from pzscale.clip import PROMPT, LoadedClip, load_clip, open_clip_config
-from pzscale.errors import CatalogError, InputError, StageError
-from pzscale.inference import (
+from pzscale.errors import CatalogError, InputError
+from pzscale.ml.clip import PROMPT, LoadedClip, load_clip, open_clip_config
+from pzscale.ml.inference import (
     ModelPlugin,
     gpu_resources,
     in_batches,
-    incremental_tasks,
     load_on_workers,
     model_on_worker,
 )
-from pzscale.labels import SPLIT, targets
-from pzscale.models import ModelCard
-from pzscale.preprocess import prepare_batch
-from pzscale.progress import StageReport, run_shards
-from pzscale.schema import STATUS_OK
+from pzscale.ml.labels import targets
+from pzscale.ml.models import ModelCard
+from pzscale.ml.preprocess import prepare_batch
+from pzscale.schema import SPLIT, STATUS_OK, embedding_name, prediction_name
+from pzscale.stage import (
+    Catalog,
+    ShardResult,
+    ShardTask,
+    StageReport,
+    map_shards,
+    pending,
+    require_client,
+    retry,
+    run_stage,
+)
 
 ALL_ROWS = "*"  # class-set key of a single list applied to every row
 
 
 def names(card: ModelCard) -> dict[str, str]:
     """Catalog variables the zero-shot stage writes for a model."""
-    return {"label": f"pred__{card.id}__zs__label", "prob": f"pred__{card.id}__zs__prob",
-            "embedding": f"emb__{card.id}__zs", "dim": f"{card.id}__dim", "model_id": f"{card.id}__zs",
+    model_id = f"{card.id}__zs"
+    return {"label": prediction_name(model_id, "label"), "prob": prediction_name(model_id, "prob"),
+            "embedding": embedding_name(model_id), "dim": f"{card.id}__dim", "model_id": model_id,
             "stage": f"zeroshot/{card.id}"}
 
 
@@ -77,15 +86,14 @@ def _text_features(model: LoadedClip, classes: tuple[str, ...], template: str) -
     return model.text_cache[key]
 
 
-def zeroshot_shard(task: dict) -> dict:
-    """Predict rows [row_from, stop) of one shard among their class set; write the whole shard, then its marker."""
-    started = time.perf_counter()
-    url, so = task["catalog"], task["storage_options"]
-    model = clip_on_worker(task["model_dir"], task["device"])
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
-    start, row_from, stop = task["start"], task["row_from"], task["stop"]
-    n, rows = task["names"], stop - row_from
-    class_sets: dict[str, list[str]] = task["classes"]
+def zeroshot_shard(task: ShardTask) -> ShardResult:
+    """Predict rows [row_from, stop) of one shard among their class set; write the whole shard (the runner
+    writes its marker after)."""
+    model = clip_on_worker(task.params["model_dir"], task.params["device"])
+    group = task.catalog.group("r+")
+    start, row_from, stop = task.start, task.row_from, task.stop
+    n, rows = task.params["names"], task.new_rows
+    class_sets: dict[str, list[str]] = task.params["classes"]
     if ALL_ROWS in class_sets:
         set_of_row = np.full(rows, ALL_ROWS, dtype=object)
     else:
@@ -100,7 +108,7 @@ def zeroshot_shard(task: dict) -> dict:
         x, _ = prepare_batch(pixels[a:b], size=card.image_size, mean=card.mean, std=card.std, device=model.device)
         return model.encode_images(x).cpu().numpy()
 
-    parts = in_batches(run, len(pixels), task["batch_size"])
+    parts = in_batches(run, len(pixels), task.params["batch_size"])
     features = np.concatenate(parts) if parts else np.zeros((0, card.embed_dim), np.float32)
     label = np.full(rows, "", dtype=object)
     prob = np.full(rows, np.nan, np.float32)
@@ -111,32 +119,29 @@ def zeroshot_shard(task: dict) -> dict:
         here = np.flatnonzero(set_of_row[ok] == name)
         if not len(here) or not classes:
             continue
-        text = _text_features(model, tuple(classes), task["template"])
+        text = _text_features(model, tuple(classes), task.params["template"])
         logits = model.logit_scale * normalised[here] @ text.T
         best_prob, best = logits.softmax(-1).max(-1)
         label[ok[here]] = np.array(classes, dtype=object)[best.cpu().numpy()]
         prob[ok[here]] = best_prob.float().cpu().numpy()
     new = {n["label"]: label, n["prob"]: prob, n["embedding"]: embedding}
-    catalog.write_arrays(group, start, stop, catalog.with_stored_rows(group, start, row_from, new))
-    catalog.mark_done(url, task["stage"], task["shard"], {"rows": [start, stop], "computed": stop - row_from,
-                                                           "model": card.id}, storage_options=so)
-    return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
+    task.catalog.write(start, stop, catalog.with_stored_rows(group, start, row_from, new))
+    return ShardResult(rows, {task.stage: {"computed": rows, "model": card.id}})
 
 
-def _present(url: str, start: int, stop: int, splits: list[str], so: dict | None) -> dict[str, set[str]]:
-    group = catalog.open_group(url, storage_options=so, check=False)
-    cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status"])
+def _present(cat: Catalog, start: int, stop: int, splits: list[str]) -> dict[str, set[str]]:
+    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status"])
     target = targets(cols)
     return {s: set(target[(cols[SPLIT] == s) & (target != "")]) for s in splits}
 
 
-def classes_present(url: str, splits: Sequence[str] = ("test", "unseen"), *,
+def classes_present(url: str | Catalog, splits: Sequence[str] = ("test", "unseen"), *,
                     storage_options: dict | None = None) -> dict[str, list[str]]:
     """The labels present in each split (sorted), read one shard per task."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    if SPLIT not in dict(group.arrays()):
-        raise CatalogError(f"{url}: no split recorded; run pzscale split first")
-    parts = catalog.map_shards(_present, url, list(splits), storage_options=storage_options)
+    cat = Catalog.open(url, storage_options)
+    if SPLIT not in cat.arrays():
+        raise CatalogError(f"{cat.url}: no split recorded; run pzscale split first")
+    parts = map_shards(_present, cat, list(splits))
     return {s: sorted(set().union(*(p[s] for p in parts))) for s in splits}
 
 
@@ -163,44 +168,36 @@ def zeroshot(
         raise InputError(f"prompt template {template!r} has no {{}} for the lineage")
     if isinstance(classes, str):
         raise InputError(f"classes must be a list of lineages or a mapping split -> lineages, not {classes!r}")
+    cat = Catalog.open(url, storage_options)
     if classes is None:
-        classes = classes_present(url, storage_options=storage_options)
+        classes = classes_present(cat)
     class_sets = ({str(k): sorted(map(str, v)) for k, v in classes.items()} if isinstance(classes, Mapping)
                   else {ALL_ROWS: sorted(map(str, classes))})
     n = names(card)
-    group = catalog.open_group(url, mode="r+", storage_options=storage_options)
-    if ALL_ROWS not in class_sets and SPLIT not in dict(group.arrays()):
-        raise CatalogError(f"{url}: class sets per split need a split; run pzscale split first")
+    if ALL_ROWS not in class_sets and SPLIT not in cat.arrays():
+        raise CatalogError(f"{cat.url}: class sets per split need a split; run pzscale split first")
     attrs = {"model": card.id, "model_name": card.name, "model_version": card.version, "template": template}
-    catalog.ensure_array(group, n["label"], dtype="str", fill="", attrs={
+    cat.ensure_array(n["label"], dtype="str", fill="", attrs={
         **attrs, "description": f"zero-shot prediction of {card.id} among its split's classes"})
-    catalog.ensure_array(group, n["prob"], dtype="float32", fill=np.nan, attrs={
+    cat.ensure_array(n["prob"], dtype="float32", fill=np.nan, attrs={
         **attrs, "description": "softmax probability of the zero-shot prediction"})
-    catalog.ensure_array(group, n["embedding"], dtype="float16", fill=np.nan, trailing=(card.embed_dim,),
+    cat.ensure_array(n["embedding"], dtype="float16", fill=np.nan, trailing=(card.embed_dim,),
                          dims=(n["dim"],), attrs={**attrs, "description": f"image features of {card.id}"})
-    split_record = catalog.metadata(group).get("stages", {}).get(SPLIT)
+    split_record = cat.metadata().get("stages", {}).get(SPLIT)
     record = {"model": card.id, "name": card.name, "version": card.version, "architecture": card.architecture,
               "template": template, "classes": class_sets, "split": split_record,
               "training_data_sha256": card.training_data_sha256}
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
     stage = f"{n['stage']}/{digest}"
     # the class lists (hundreds of lineages per split) go to a private JSON, not the group attributes
-    catalog.put_json(url, f"{stage}.json", record, storage_options=storage_options)
-    catalog.record_stage(group, n["stage"], {**{k: v for k, v in record.items() if k != "classes"},
+    retry(catalog.put_json, cat.url, f"{stage}.json", record, storage_options=cat.options)
+    cat.record_stage(n["stage"], {**{k: v for k, v in record.items() if k != "classes"},
                                              "classes": {k: len(v) for k, v in class_sets.items()},
                                              "class_lists": f"{catalog.PRIVATE}/{stage}.json", "markers": stage})
-    try:
-        client = client or get_client()
-    except ValueError:
-        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
-    tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
+    client = require_client(client)
+    params = {"model_dir": model_dir, "device": device, "names": n, "classes": class_sets, "template": template,
+              "batch_size": batch_size}
+    tasks, skipped = pending(cat, stage, params=params)
     load_on_workers(client, ModelPlugin(model_dir, device, load_clip))
-    common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
-              "stage": stage, "names": n, "classes": class_sets, "template": template, "batch_size": batch_size}
-    run = run_shards(client, zeroshot_shard, [{**t, **common} for t in tasks], desc="zeroshot", skipped=skipped,
-                     show=progress, resources=gpu_resources(client))
-    report = StageReport(stage, url, len(tasks) + skipped, skipped, len(run.results), run.images, run.seconds,
-                         [f"shard {t['shard']}: {m}" for t, m in run.failures])
-    if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
-    return report
+    return run_stage(stage, zeroshot_shard, tasks, catalog=cat, client=client, skipped=skipped, progress_bar=progress,
+                     resources=gpu_resources(client))

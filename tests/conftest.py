@@ -5,6 +5,8 @@
 - ``synth_dir``: a synthetic Planktonzilla collection (parquet + truth.json), made once.
 - ``clean_catalog``: that collection ingested without interruption, and its checksums;
   the reference that interrupted, resumed and appended runs are compared with.
+- ``one_torch_thread``: torch on one thread in this process (``pytest.mark.usefixtures`` per module).
+- ``independent_macro_f1``: macro-F1 per rank from per-class counts, the oracle for the scorers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
+import torch
 from distributed import Client, LocalCluster
 
 from pzscale import catalog
@@ -67,3 +71,26 @@ def shared_data():
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: the shared sample data must sit beside the repository")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Train and infer in this process on one thread: the tiny models gain nothing from more, and on a
+    shared, busy machine spinning OpenMP threads slow them down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def independent_macro_f1(truth, predicted, depth):
+    """Macro-F1 at rank ``depth`` from per-class counts: lineages cut to their first ``depth`` words."""
+    t = np.array([" ".join(s.split()[:depth]) for s in truth], dtype=object)
+    p = np.array([" ".join(s.split()[:depth]) for s in predicted], dtype=object)
+    per_class = []
+    for label in sorted(set(t) | set(p)):
+        tp = np.sum((t == label) & (p == label))
+        fp = np.sum((t != label) & (p == label))
+        fn = np.sum((t == label) & (p != label))
+        per_class.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(per_class))

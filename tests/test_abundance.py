@@ -17,7 +17,7 @@ from pzscale.cli import app
 from pzscale.dwc import COLUMNS, WORMS_LSID, export_dwc
 from pzscale.errors import CatalogError, InputError
 from pzscale.ingest import ingest
-from pzscale.models import ModelCard
+from pzscale.ml.models import ModelCard
 from pzscale.schema import RANKS
 from pzscale.synth import synth, synth_ifcb
 

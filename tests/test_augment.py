@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pzscale.augment import augment, make_augmentation, seed_for, tta_views
+from pzscale.ml.augment import augment, make_augmentation, seed_for, tta_views
 
 torch.set_num_threads(2)
 

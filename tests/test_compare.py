@@ -19,22 +19,14 @@ from pzscale.clip_train import random_clip
 from pzscale.compare import COLUMNS, compare
 from pzscale.errors import CatalogError
 from pzscale.ingest import ingest
-from pzscale.models import ModelCard, import_checkpoint
+from pzscale.ml.models import ModelCard, import_checkpoint
 from pzscale.schema import RANKS
 from pzscale.split import assign_splits, duplicate_components
 from pzscale.synth import synth
+from tests.conftest import independent_macro_f1
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train and infer in this process on one thread: the tiny models gain nothing from more, and on a
-    shared, busy machine spinning OpenMP threads slow them down many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 SEEN_TAXA = ["Chaetoceros", "Acantharea", "Calanoida", "detritus"]
 # Coscinodiscus shares three ranks with Chaetoceros and Chaetognatha the kingdom with Calanoida; Calanoida
@@ -43,19 +35,6 @@ HELD_OUT_TAXA = ["Coscinodiscus", "Chaetognatha", "bubble", "Calanoida"]
 SOURCE_TAXA = {"synth_ifcb": SEEN_TAXA, "synth_zooscan": SEEN_TAXA,
                "synth_uvp5": HELD_OUT_TAXA, "synth_planktoscope": HELD_OUT_TAXA}
 HELD_OUT = ("synth_uvp5", "synth_planktoscope")
-
-
-def independent_macro_f1(truth, predicted, depth):
-    """Macro-F1 at rank ``depth`` from per-class counts: lineages cut to their first ``depth`` words."""
-    t = np.array([" ".join(s.split()[:depth]) for s in truth], dtype=object)
-    p = np.array([" ".join(s.split()[:depth]) for s in predicted], dtype=object)
-    per_class = []
-    for label in sorted(set(t) | set(p)):
-        tp = np.sum((t == label) & (p == label))
-        fp = np.sum((t != label) & (p == label))
-        fn = np.sum((t == label) & (p != label))
-        per_class.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(per_class))
 
 
 def _held_out_catalog(tmp_path_factory, client, images, seed):

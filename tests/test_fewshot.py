@@ -12,21 +12,9 @@ from pzscale.errors import CatalogError
 from pzscale.fewshot import draw_supports, fewshot, nearest_prototype, normalise
 from pzscale.schema import RANKS
 from pzscale.split import assign_splits
+from tests.conftest import independent_macro_f1
 
 pytestmark = [pytest.mark.cluster]
-
-
-def independent_macro_f1(truth, predicted, depth):
-    """Macro-F1 at rank ``depth`` from per-class counts: lineages cut to their first ``depth`` words."""
-    t = np.array([" ".join(s.split()[:depth]) for s in truth], dtype=object)
-    p = np.array([" ".join(s.split()[:depth]) for s in predicted], dtype=object)
-    per_class = []
-    for label in sorted(set(t) | set(p)):
-        tp = np.sum((t == label) & (p == label))
-        fp = np.sum((t != label) & (p == label))
-        fn = np.sum((t == label) & (p != label))
-        per_class.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(per_class))
 
 
 def test_supports_per_class_are_capped_seeded_and_nested():

@@ -18,9 +18,9 @@ from pzscale.classify import classify, names, predictions
 from pzscale.dedup import DEFAULT_EPS, dedup
 from pzscale.embed import embed
 from pzscale.evaluate import evaluate, scores
-from pzscale.inference import in_batches
 from pzscale.ingest import ingest
-from pzscale.models import ModelCard, load_model
+from pzscale.ml.inference import in_batches
+from pzscale.ml.models import ModelCard, load_model
 from pzscale.split import assign_splits
 from pzscale.synth import synth
 from pzscale.train import train
@@ -244,7 +244,7 @@ def test_fine_tune_a_saved_backbone_end_to_end(trained, client, tmp_path):
 
 
 def test_a_model_retrained_into_the_same_directory_is_not_served_stale(trained, tmp_path):
-    from pzscale.inference import model_on_worker
+    from pzscale.ml.inference import model_on_worker
 
     _, model_dir, _, _ = trained
     copy = tmp_path / "model"

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pzscale import models
 from pzscale.errors import ModelError
+from pzscale.ml import models, weights
 
 torch.set_num_threads(2)
 
@@ -309,8 +309,8 @@ def test_meta_build_falls_back_when_tensors_live_outside_the_state_dict(tmp_path
     torch.manual_seed(0)
     reference = Masked()
     state = {k: v.half() for k, v in reference.state_dict().items()}  # a half-precision file stays float32 here
-    built = models._materialise(Masked, state, tmp_path / "w.safetensors", "masked")
-    assert not list(models._meta_tensors(built))
+    built = weights.materialise(Masked, state, tmp_path / "w.safetensors", "masked")
+    assert not list(weights.meta_tensors(built))
     assert built.linear.weight.dtype == torch.float32 and torch.equal(built.mask, reference.mask)
     x = torch.rand(4, 3)
     torch.testing.assert_close(built(x), reference(x), atol=1e-2, rtol=0)

@@ -6,7 +6,7 @@ import torch
 
 from pzscale import images
 from pzscale.errors import InputError
-from pzscale.preprocess import pad_square, prepare_batch
+from pzscale.ml.preprocess import pad_square, prepare_batch
 
 torch.set_num_threads(2)
 

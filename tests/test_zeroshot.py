@@ -12,23 +12,14 @@ import torch
 from pzscale import catalog, open_catalog
 from pzscale.clip_train import TINY_ARCHITECTURE, TINY_CONFIG, has_text_tower, load_clip, random_clip
 from pzscale.errors import ModelError
-from pzscale.models import ModelCard, OpenClipImageTower, save_model
-from pzscale.preprocess import prepare_batch
+from pzscale.ml.models import ModelCard, OpenClipImageTower, save_model
+from pzscale.ml.preprocess import prepare_batch
 from pzscale.split import assign_splits
 from pzscale.train import GREY_MEAN, GREY_STD
 from pzscale.zeroshot import classes_present, names, prompts, zeroshot
 
-pytestmark = [pytest.mark.cluster]
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train and infer in this process on one thread: the tiny models gain nothing from more, and on a
-    shared, busy machine spinning OpenMP threads slow them down many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def test_models_that_cannot_do_zero_shot_are_refused(tmp_path, trained_cnn_dir, 
 @pytest.fixture(scope="module")
 def trained_cnn_dir(tmp_path_factory):
     """A builtin-kind model directory (untrained weights are enough to be refused)."""
-    from pzscale.models import builtin_backbone
+    from pzscale.ml.models import builtin_backbone
 
     model_dir = tmp_path_factory.mktemp("cnn") / "cnn"
     card = ModelCard(name="cnn", version="1", kind="builtin", architecture="pzcnn-small", embed_dim=128,

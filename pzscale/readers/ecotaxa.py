@@ -72,7 +72,9 @@ class EcoTaxaReader(Reader):
                         return True
                 return False
             return looks_ecotaxa(fs, root)
-        except (OSError, ValueError, zipfile.BadZipFile):
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if is_transient(e):
+                raise  # a throttled listing is not "not ours": the caller retries
             return False
 
     def plan(self, path: str, *, source: str | None = None, storage_options: dict | None = None) -> list[Item]:

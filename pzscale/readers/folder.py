@@ -256,7 +256,9 @@ class ClassFolderReader(Reader):
                 return _peek_archive(path, fh, kind)
         except InputError:
             return True  # an archive with unsafe members: claim it so that plan() says why it is refused
-        except Exception:  # noqa: BLE001 - a guess never fails: anything unreadable is simply not ours
+        except Exception as e:  # noqa: BLE001 - a guess never fails: anything unreadable is simply not ours
+            if is_transient(e):
+                raise  # ... but a throttled listing is not "not ours": the caller retries
             return False
 
     def plan(self, path: str, *, source: str | None = None, storage_options: dict | None = None) -> list[Item]:

@@ -323,7 +323,9 @@ class IFCBReader(Reader):
             if not fs.isdir(fpath):
                 return False
             return any(split_bin_file(name) for _, _, files in fs.walk(fpath) for name in files)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if is_transient(e):
+                raise  # a throttled listing is not "not ours": the caller retries
             return False
 
     def plan(self, path: str, *, source: str | None = None, storage_options: dict | None = None) -> list[Item]:

@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pzscale import catalog, models, readers
+from pzscale import catalog, readers
 from pzscale.embed import embed
 from pzscale.errors import InputError, ModelError
 from pzscale.ingest import ingest
 from pzscale.limits import Limits, using
+from pzscale.ml import models
 from pzscale.schema import TIME_FILL
 
 pytestmark = [pytest.mark.cluster]

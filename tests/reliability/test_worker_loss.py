@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pzscale import catalog, models
+from pzscale import catalog
 from pzscale.classify import classify
 from pzscale.embed import embed
 from pzscale.ingest import ingest
+from pzscale.ml import models
 from tests.reliability.helpers import SHARD_LEN, image_ids
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]  # a lost job fails, not hangs

@@ -28,7 +28,7 @@ from pzscale.dedup import dedup, read_report
 from pzscale.embed import embed
 from pzscale.env import env
 from pzscale.ingest import ingest
-from pzscale.models import ModelCard, builtin_backbone, make_head, save_model
+from pzscale.ml.models import ModelCard, builtin_backbone, make_head, save_model
 from pzscale.split import assign_splits
 from tests.conftest import SHARD_LEN
 from tests.s3.conftest import N_IMAGES

@@ -12,27 +12,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from pzscale import catalog, images
+from pzscale import images
 from pzscale.errors import CatalogError
-from pzscale.labels import SPLIT, targets
+from pzscale.ml.labels import targets
+from pzscale.schema import SPLIT
+from pzscale.stage import Catalog, map_shards, retry
 
 GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-def split_rows(url: str, split: str, *, storage_options: dict | None = None) -> list[tuple[int, np.ndarray, np.ndarray,
-                                                                                        np.ndarray]]:
-    """Per shard: (start, catalog rows in ``split``, their targets, their image ids)."""
-    group = catalog.open_group(url, storage_options=storage_options)
-    if SPLIT not in dict(group.arrays()):
-        raise CatalogError(f"{url}: no split recorded; run pzscale split first")
-    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
-    out = []
-    for _, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
-        cols = catalog.read_rows(group, start, stop, [SPLIT, "lineage", "proposed_label", "status", "image_id"])
-        target = targets(cols)
-        rows = np.flatnonzero((cols[SPLIT] == split) & (target != ""))
-        out.append((start, rows + start, target[rows], cols["image_id"][rows]))
-    return out
+def _split_shard(cat: Catalog, start: int, stop: int, split: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", "image_id"])
+    target = targets(cols)
+    rows = np.flatnonzero((cols[SPLIT] == split) & (target != ""))
+    return start, rows + start, target[rows], cols["image_id"][rows]
+
+
+def split_rows(url: str | Catalog, split: str, *, storage_options: dict | None = None
+               ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per shard: (start, catalog rows in ``split``, their targets, their image ids); one read per shard
+    (on the current Dask client when there is one)."""
+    cat = Catalog.open(url, storage_options)
+    if SPLIT not in cat.arrays():
+        raise CatalogError(f"{cat.url}: no split recorded; run pzscale split first")
+    return map_shards(_split_shard, cat, split)
 
 
 def batches(group: Any, shards: list, classes: dict[str, int], batch_size: int, rng: np.random.Generator
@@ -44,7 +47,7 @@ def batches(group: Any, shards: list, classes: dict[str, int], batch_size: int, 
         if not len(rows):
             continue
         perm = rng.permutation(len(rows))
-        encoded = group["image_bytes"].get_orthogonal_selection((rows[perm],))
+        encoded = retry(group["image_bytes"].get_orthogonal_selection, (rows[perm],))
         for j, data in zip(perm, encoded, strict=True):
             ids.append(str(image_ids[j]))
             ys.append(classes[target[j]])

@@ -14,8 +14,6 @@ from sklearn.metrics import f1_score
 
 from pzscale.schema import RANKS, STATUS_OK
 
-SPLIT = "split"
-
 
 def targets(cols: dict[str, np.ndarray]) -> np.ndarray:
     """The label a classifier learns: the lineage, else the proposed label; '' when neither or no image."""

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from pzscale.errors import ModelError, one_line
-from pzscale.models import ModelCard, read_state_dict, save_model
-from pzscale.trainset import GREY_MEAN, GREY_STD
+from pzscale.ml.models import ModelCard, read_state_dict, save_model
+from pzscale.ml.trainset import GREY_MEAN, GREY_STD
 
 PROMPT = "a photo of a {}"
 TINY_ARCHITECTURE = "pzscale-clip-tiny"

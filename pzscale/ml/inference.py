@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from distributed import get_client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pzscale import catalog, images
 from pzscale.errors import StageError
-from pzscale.models import LoadedModel, load_model
-from pzscale.preprocess import prepare_batch
-from pzscale.progress import StageReport, run_shards
+from pzscale.ml.models import LoadedModel, load_model
+from pzscale.ml.preprocess import prepare_batch
 from pzscale.schema import RANKS, STATUS_OK
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, run_stage
 
 _LOADED: dict[tuple[str, str, str, int], Any] = {}
 
@@ -130,7 +128,7 @@ def forward(model: LoadedModel, pixels: list[np.ndarray], *, batch_size: int, wi
     With ``tta`` the probabilities (and embeddings) are averaged over the 8 rotations/flips.
     ``precision`` (fp32, bf16, fp16) runs the model under autocast.
     """
-    from pzscale.augment import tta_views
+    from pzscale.ml.augment import tta_views
 
     card = model.card
     scales = np.zeros(len(pixels), np.float32)
@@ -172,26 +170,6 @@ def rank_groups(classes: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
     return out
 
 
-def incremental_tasks(url: str, stage: str, *, storage_options: dict | None = None) -> tuple[list[dict], int]:
-    """One task per shard with rows a stage has not covered yet, and the count of shards skipped.
-
-    A marker records the rows it covers, so after a collection is appended only the new rows
-    are computed: whole new shards, and the new tail of the shard that was last before.
-    """
-    group = catalog.open_group(url, storage_options=storage_options)
-    n_rows, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
-    done = {s: info["rows"][1] for s, info in catalog.marker_infos(url, stage, storage_options=storage_options)
-            .items()}
-    tasks, skipped = [], 0
-    for shard, start, stop in catalog.shard_ranges(0, n_rows, shard_len):
-        row_from = max(start, done.get(shard, start))
-        if row_from >= stop:
-            skipped += 1
-        else:
-            tasks.append({"shard": shard, "start": start, "row_from": row_from, "stop": stop})
-    return tasks, skipped
-
-
 def gpu_resources(client: Any) -> dict | None:
     """``{"GPU": 1}`` when the cluster has GPU workers (dask-cuda with --resources GPU=1), else None.
 
@@ -201,47 +179,32 @@ def gpu_resources(client: Any) -> dict | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
-def run_model_shard(task: dict, compute: Callable[[LoadedModel, np.ndarray, list[np.ndarray], dict],
-                                                   dict[str, np.ndarray]]) -> dict:
+def run_model_shard(task: ShardTask, compute: Callable[[LoadedModel, np.ndarray, list[np.ndarray], ShardTask],
+                                                        dict[str, np.ndarray]]) -> ShardResult:
     """The body every model stage's shard task shares.
 
     ``compute(model, ok, pixels, task)`` returns the stage's arrays for rows [row_from, stop)
     (``ok``: positions of the rows whose image decoded, ``pixels``: those images); the rows
-    already done are kept, the whole shard is written, then the marker.
+    already done are kept and the whole shard is written; the runner writes the marker after.
     """
-    started = time.perf_counter()
-    url, so = task["catalog"], task["storage_options"]
-    model = model_on_worker(task["model_dir"], task["device"])
-    group = catalog.open_group(url, mode="r+", storage_options=so, check=False)
-    start, row_from, stop = task["start"], task["row_from"], task["stop"]
-    ok, pixels = decode_rows(group, row_from, stop)
+    model = model_on_worker(task.params["model_dir"], task.params["device"])
+    group = task.catalog.group("r+")
+    ok, pixels = decode_rows(group, task.row_from, task.stop)
     new = compute(model, ok, pixels, task)
-    catalog.write_arrays(group, start, stop, catalog.with_stored_rows(group, start, row_from, new))
+    task.catalog.write(task.start, task.stop, catalog.with_stored_rows(group, task.start, task.row_from, new))
     # a shard extended after an append replaces its earlier marker; otherwise an existing marker
     # means another attempt finished this shard first (same bytes), and the task is done too
-    catalog.mark_done(url, task["stage"], task["shard"], {"rows": [start, stop], "computed": stop - row_from,
-                                                           "model": model.card.id}, storage_options=so,
-                      replace=row_from > start)
-    return {"shard": task["shard"], "rows": stop - row_from, "seconds": time.perf_counter() - started}
+    return ShardResult(task.new_rows, {task.stage: {"computed": task.new_rows, "model": model.card.id}},
+                       replace=task.row_from > task.start)
 
 
-def run_model_stage(url: str, model_dir: str, shard_fn: Callable[[dict], dict], *, stage: str, params: dict,
-                    client: Any, device: str | None, storage_options: dict | None, progress: bool) -> StageReport:
+def run_model_stage(cat: Catalog, model_dir: str, shard_fn: Callable[[ShardTask], ShardResult], *, stage: str,
+                    params: dict, client: Any, device: str | None, progress: bool) -> StageReport:
     """Submit a model stage's shard tasks for the rows its markers do not cover yet, with the model
     loaded once per worker, on GPU workers when the cluster has them."""
     autocast("cpu", params.get("precision", "fp32"))  # a bad precision fails here, not in every task
-    try:
-        client = client or get_client()
-    except ValueError:
-        raise StageError("no Dask client: start one with pzscale.cluster.connect()") from None
-    tasks, skipped = incremental_tasks(url, stage, storage_options=storage_options)
+    client = require_client(client)
+    tasks, skipped = pending(cat, stage, params={"model_dir": model_dir, "device": device, **params})
     load_on_workers(client, ModelPlugin(model_dir, device))
-    common = {"catalog": url, "storage_options": storage_options, "model_dir": model_dir, "device": device,
-              "stage": stage, **params}
-    run = run_shards(client, shard_fn, [{**t, **common} for t in tasks], desc=stage.split("/")[0], skipped=skipped,
-                     show=progress, resources=gpu_resources(client))
-    report = StageReport(stage, url, len(tasks) + skipped, skipped, len(run.results), run.images, run.seconds,
-                         [f"shard {t['shard']}: {m}" for t, m in run.failures])
-    if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
-    return report
+    return run_stage(stage, shard_fn, tasks, catalog=cat, client=client, skipped=skipped, progress_bar=progress,
+                     resources=gpu_resources(client))
