@@ -119,7 +119,7 @@ NUMBER_FROM_PARQUET = {
     "pixel_size": "pixel_size_um",
 }
 
-# Instrument family of each Planktonzilla source (planktonzilla.md section 1).
+# Instrument family of each Planktonzilla source (the dataset card's source table).
 SOURCE_INSTRUMENTS = {
     "global_uvp5": "UVP5",
     "whoi": "IFCB",

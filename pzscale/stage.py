@@ -228,7 +228,7 @@ def pending(cat: Catalog, stage: str, *, params: Mapping[str, Any] | None = None
     return tasks, skipped
 
 
-def _run_task(fn: Callable[[ShardTask], ShardResult], task: ShardTask) -> dict:
+def run_task(fn: Callable[[ShardTask], ShardResult], task: ShardTask) -> dict:
     """A task on a worker: the shard's writes, then its markers (last), as one retried unit."""
     started = time.perf_counter()
     result = fn(task)
@@ -256,7 +256,7 @@ def run_stage(
     for light stages) and report; raises StageError naming the failed shards (finished shards stay
     done: a rerun resumes). Heavy stages call ``require_client`` first."""
     client = _current(client)
-    run = progress.run_shards(client, functools.partial(_run_task, fn), tasks, desc=stage.split("/")[0],
+    run = progress.run_shards(client, functools.partial(run_task, fn), tasks, desc=stage.split("/")[0],
                               skipped=skipped, show=progress_bar, resources=resources)
     status: Counter = Counter()
     for result in run.results:

@@ -23,6 +23,7 @@ from pzscale.cli import app
 from pzscale.errors import CatalogError, InputError
 from pzscale.ingest import ingest
 from pzscale.split import assign_splits
+from pzscale.stage import Catalog
 
 CLASSIPYR = "classipyr/test_data"
 BIN = "D20220522T000439_IFCB134"
@@ -139,8 +140,8 @@ def test_similar_row_pairs_equal_brute_force_and_big_blocks_are_tiled(monkeypatc
     pairs = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist(), strict=True)}
     assert pairs == set(zip(*np.nonzero(expected), strict=True))
     assert checked == np.triu(same_or_linked, 1).sum() and len(asked) == 1
-    monkeypatch.setattr(dd, "PAIR_BLOCK", 1000)  # value 7's 45,150 pairs are now tiled, 64 x 64, to a forest
-    monkeypatch.setattr(dd, "TILE", 64)
+    monkeypatch.setattr(dd.near, "PAIR_BLOCK", 1000)  # value 7's 45,150 pairs are now tiled, 64 x 64, to a forest
+    monkeypatch.setattr(dd.near, "TILE", 64)
     a, b, _ = dd.similar_row_pairs(value_of, ia, ib, 0.97, profiles_of)
     n = len(value_of)
     ours = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
@@ -252,8 +253,7 @@ def test_near_groups_equal_brute_force_union_find_of_the_stored_phash(deduped, c
     assert facts["unique_hashes"] == len(unique) < ok.sum()  # identical hashes were collapsed first
     assert facts["row_pairs_checked"] >= facts["row_pairs_similar"] == np.triu(close & similar, 1).sum()
     # without the profile check: the components of the pHash bits alone, found on the unique hashes
-    ranges = catalog.shard_ranges(0, len(ok), catalog.metadata(catalog.open_group(url))["shard_len"])
-    bits_only, _ = dd.near_groups(client, url, ranges, ok, phash, dd.DEFAULT_NEAR_THRESHOLD, None, None, None)
+    bits_only, _ = dd.near_groups(client, Catalog.open(url), ok, phash, dd.DEFAULT_NEAR_THRESHOLD, None, None)
     assert same_partition(bits_only[ok], brute_components(unique, dd.DEFAULT_NEAR_THRESHOLD)[inverse])
     assert len(np.unique(bits_only[ok])) < len(np.unique(near[ok]))  # the check split some groups
     # every planted copy within the threshold of its original is found (what a pHash can find)

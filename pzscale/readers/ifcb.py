@@ -3,7 +3,7 @@
 One bin is one item; its rows are the ADC lines with a non-empty ROI, in line order. The catalog keeps the
 raw ``.roi`` pixels losslessly (PNG of the raw bytes, no min-max stretch) and names every image by its
 ADC line number (``<bin>_<roi:05d>``), as the IFCB dashboards and classifier outputs do.
-See ``shared/notes/formats.md`` section 1 for the file layouts.
+The layouts are those of the WHOI IFCB software (pyifcb, ifcb-analysis): schema v1 and v2 headers and ADCs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ client alike, and the stage ends with the catalog (and outputs) of the same run 
 
 Each test copies one small catalog twice, runs the stage on the plain path and on ``faulty://`` with
 ``FAULTS``, and compares every array's checksum; the faults must really have been injected, on the
-client's metadata requests too. Dedup has its own such test in tests/test_dedup.py.
+client's metadata requests too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pzscale import catalog, grids
 from pzscale.abundance import abundance
 from pzscale.classify import classify
 from pzscale.cli import app
+from pzscale.dedup import dedup, duplicate_pairs
 from pzscale.dwc import export_dwc
 from pzscale.embed import embed
 from pzscale.env import env
@@ -113,6 +114,15 @@ def test_embed_and_classify_on_faulty_storage(pair, model_dir, client, tally):
     card = models.ModelCard.load(model_dir)
     pd.testing.assert_frame_equal(evaluate(url, card.id, split="train", storage_options=so, client=client),
                                   evaluate(clean, card.id, split="train", client=client))
+
+
+def test_dedup_on_faulty_storage(pair, client, tally):
+    clean, url, so, log = pair
+    expected = dedup(clean, methods=("exact", "near"), client=client, progress=False)
+    report = dedup(url, methods=("exact", "near"), client=client, progress=False, storage_options=so)
+    assert report.kept == expected.kept and report.per_method.keys() == expected.per_method.keys()
+    assert_same_catalog(clean, url, log, tally)
+    pd.testing.assert_frame_equal(duplicate_pairs(url, storage_options=so), duplicate_pairs(clean))
 
 
 def test_env_on_faulty_storage(pair, client, tmp_path, tally):

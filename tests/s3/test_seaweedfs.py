@@ -18,6 +18,7 @@ import s3fs
 from pzscale import catalog
 from pzscale.errors import CatalogError, ShardAlignmentError
 from pzscale.ingest import STAGE, ingest, ingest_shard, make_plan
+from pzscale.stage import Catalog, ShardTask, run_task
 from tests.conftest import SHARD_LEN
 from tests.s3.conftest import N_IMAGES
 
@@ -113,12 +114,14 @@ def test_a_second_done_marker_fails_cleanly(weed_catalog, seaweedfs, s3_synth, c
 
     # a second attempt of a finished ingest shard completes as done-by-another-attempt
     plan = make_plan([str(s3_synth)], shard_len=SHARD_LEN)
-    task = {**plan.shard_tasks()[1], "catalog": url, "storage_options": so, "plan": plan.id,
-            "stage": f"{STAGE}/{plan.id}", "shard_len": SHARD_LEN, "taxonomy": None, "taxonomy_source": None}
-    first = {**catalog.marker_infos(url, task["stage"], storage_options=so)[1], "attempt": "first"}
-    catalog.mark_done(url, task["stage"], 1, first, storage_options=so, replace=True)  # tag the first attempt's
-    assert client.submit(ingest_shard, task, pure=False).result()["rows"] == SHARD_LEN
-    assert catalog.marker_infos(url, task["stage"], storage_options=so)[1] == first  # kept, not overwritten
+    shard = plan.shard_tasks()[1]
+    task = ShardTask(Catalog.open(url, so), f"{STAGE}/{plan.id}", 1, SHARD_LEN, shard["stop"], shard["start"],
+                     {"plan": plan.id, "taxonomy": None, "taxonomy_source": None, "limits": None,
+                      "segments": shard["segments"]})
+    first = {**catalog.marker_infos(url, task.stage, storage_options=so)[1], "attempt": "first"}
+    catalog.mark_done(url, task.stage, 1, first, storage_options=so, replace=True)  # tag the first attempt's
+    assert client.submit(run_task, ingest_shard, task, pure=False).result()["rows"] == SHARD_LEN
+    assert catalog.marker_infos(url, task.stage, storage_options=so)[1] == first  # kept, not overwritten
 
 
 def test_a_shard_rewritten_after_a_crash(weed_catalog, seaweedfs, s3_synth, s3_reference, client):
