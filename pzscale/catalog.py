@@ -417,8 +417,8 @@ def marker_infos(url: str, stage: str, *, storage_options: dict | None = None) -
     shards = done_shards(url, stage, storage_options=storage_options)
     paths = [f"{_marker_dir(root, stage)}/{s:06d}.json" for s in sorted(shards)]
     bodies = fs.cat(paths) if paths else {}
-    by_path = {fs._strip_protocol(p): b for p, b in bodies.items()}
-    return {s: json.loads(by_path[fs._strip_protocol(p)]) for s, p in zip(sorted(shards), paths, strict=True)}
+    # keyed by the marker's file name: stores differ in how they spell the rest of the path
+    return {int(p.rsplit("/", 1)[-1].split(".")[0]): json.loads(b) for p, b in bodies.items()}
 
 
 def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, set[int]]:

@@ -1,7 +1,9 @@
 """The dedup stage: exact, near (perceptual hash) and semantic duplicate groups over a catalog, with reports.
 
 Modules: ``hashing`` (phase 1), ``exact``, ``near``, ``semantic`` (phases 2-4), ``graph`` (components and the
-keep rule), ``reports`` (the tables), ``run`` (the stage), ``common`` (names and defaults).
+keep rule), ``reports`` (the tables), ``run`` (the stage), ``common`` (names and defaults). Every shard read
+and write goes through ``pzscale.stage`` (``run_stage``, ``map_shards``, ``retry``); a limit such as ``TILE``
+is read by the module that uses it (patch ``pzscale.dedup.near.TILE``).
 
 Phases, each on the Dask cluster:
 
