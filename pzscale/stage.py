@@ -158,7 +158,6 @@ class ShardResult:
     markers: dict[str, dict] = field(default_factory=dict)
     replace: bool = False
     status: dict[str, int] = field(default_factory=dict)
-    value: Any = None
 
 
 @dataclass
@@ -235,7 +234,7 @@ def run_task(fn: Callable[[ShardTask], ShardResult], task: ShardTask) -> dict:
     for stage, info in result.markers.items():
         # False from mark_done: another attempt of the same shard and rows marked it first (same bytes)
         task.catalog.mark_done(stage, task.shard, {"rows": [task.start, task.stop], **info}, replace=result.replace)
-    return {"shard": task.shard, "rows": result.rows, "status": result.status, "value": result.value,
+    return {"shard": task.shard, "rows": result.rows, "status": result.status,
             "seconds": time.perf_counter() - started}
 
 
