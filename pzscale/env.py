@@ -124,10 +124,11 @@ def env(
         n = names(name)
         value = cat.ensure_array(n["value"], dtype="float32", fill=np.nan)
         retry(value.attrs.update, {**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
-                                                   "(NaN unless the QC is ok or land_filled)"})
+                                                          "(NaN unless the QC is ok or land_filled)"})
         qc = cat.ensure_array(n["qc"], dtype="str", fill="")
         retry(qc.attrs.update, {"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
-                         "flag_values": list(grids.QC_VALUES), "grid": desc["grid"], "variable": desc["variable"]})
+                                "flag_values": list(grids.QC_VALUES), "grid": desc["grid"],
+                                "variable": desc["variable"]})
         cat.record_stage(n["stage"], {**records[name], "params": hashes[name]})
     resolved = {name: record["variable"] for name, record in records.items()}
     params = {"grid": grid, "grid_storage_options": grid_storage_options,

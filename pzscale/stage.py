@@ -206,16 +206,17 @@ def _current(client: Client | None) -> Client | None:
 
 
 def pending(cat: Catalog, stage: str, *, params: Mapping[str, Any] | None = None,
-            valid: Callable[[dict], bool] | None = None,
-            ranges: list[tuple[int, int, int]] | None = None) -> tuple[list[ShardTask], int]:
+            valid: Callable[[dict], bool] | None = None, ranges: list[tuple[int, int, int]] | None = None,
+            markers: dict[int, dict] | None = None) -> tuple[list[ShardTask], int]:
     """One task per shard (of ``ranges``, default all) with rows the markers of ``stage`` do not cover,
     and the count of shards with nothing to do.
 
     A marker records the rows it covers, so after an append only the new rows are computed: whole
     new shards, and the new tail of the shard that was last before. A marker that ``valid`` rejects
-    (other parameters) counts as absent.
+    (other parameters) counts as absent. ``markers``: the stage's markers when the caller read them already.
     """
-    covered = {shard: info["rows"][1] for shard, info in cat.markers(stage).items()
+    markers = cat.markers(stage) if markers is None else markers
+    covered = {shard: info["rows"][1] for shard, info in markers.items()
                if valid is None or valid(info)}
     tasks, skipped = [], 0
     for shard, start, stop in ranges if ranges is not None else cat.shards():

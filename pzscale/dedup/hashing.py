@@ -56,7 +56,7 @@ def hash_images(url: str | Catalog, *, client: Client | None = None, storage_opt
         "description": "the 63 AC coefficients of the pHash's 8 x 8 DCT block, orthonormal scaling, unit length: "
                        "dot products are correlations of low-passed thumbnails; 0 without image"})
     markers = cat.markers(HASH_STAGE)
-    tasks, skipped = pending(cat, HASH_STAGE, valid=_complete)
+    tasks, skipped = pending(cat, HASH_STAGE, valid=_complete, markers=markers)  # one listing, not two
     tasks = [t.with_params(replace=t.shard in markers and not _complete(markers[t.shard])) for t in tasks]
     return run_stage(HASH_STAGE, hash_shard, tasks, catalog=cat, client=client, skipped=skipped,
                      progress_bar=progress)
