@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 
 import numpy as np
@@ -62,15 +63,14 @@ def clean_catalog(synth_dir, client, tmp_path_factory):
     return url, report, catalog.checksums(url)
 
 
-@pytest.fixture(scope="session")
-def shared_data():
-    """The real sample files in ../shared/data (beside the repository, in CI too)."""
-    from pathlib import Path
+SAMPLE_DATA = Path(__file__).resolve().parent / "data"
 
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the shared sample data must sit beside the repository")
-    return path
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """Real files written by other tools, kept in the repository (tests/data, provenance and licence
+    in each folder's SOURCE.txt) so that a clone alone runs the suite."""
+    return SAMPLE_DATA
 
 
 @pytest.fixture(scope="module")

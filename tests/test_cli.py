@@ -56,7 +56,7 @@ def test_demo_summarises_and_refuses_foreign_folders(tmp_path):
 
 
 @pytest.mark.cluster
-def test_synth_ifcb_ingest_and_taxonomy_report(tmp_path, shared_data):
+def test_synth_ifcb_ingest_and_taxonomy_report(tmp_path, sample_data):
     bins, url = tmp_path / "bins", str(tmp_path / "cat.zarr")
     result = runner.invoke(app, ["synth", str(bins), "--images", "150", "--format", "ifcb"])
     assert result.exit_code == 0, result.output
@@ -65,7 +65,7 @@ def test_synth_ifcb_ingest_and_taxonomy_report(tmp_path, shared_data):
                                  "--shard-len", "64", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "status: ok=150" in result.output
-    table = str(shared_data / "planktonzilla" / "planktonzilla_taxonomy.csv")
+    table = str(sample_data / "planktonzilla" / "planktonzilla_taxonomy.csv")
     result = runner.invoke(app, ["taxonomy", "report", "--catalog", url, "--table", table, "--out",
                                  str(tmp_path / "report")])
     assert result.exit_code == 0, result.output

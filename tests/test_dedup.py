@@ -50,10 +50,10 @@ def same_partition(x: np.ndarray, y: np.ndarray) -> bool:
 # ---------------------------------------------------------------- hash kernels
 
 
-def test_phash_bits_equal_imagededup_on_every_real_image(shared_data):
+def test_phash_bits_equal_imagededup_on_every_real_image(sample_data):
     from imagededup.methods import PHash
 
-    files = sorted(glob.glob(f"{shared_data}/**/*.png", recursive=True) + glob.glob(f"{shared_data}/**/*.jp*g",
+    files = sorted(glob.glob(f"{sample_data}/**/*.png", recursive=True) + glob.glob(f"{sample_data}/**/*.jp*g",
                                                                                         recursive=True))
     modes = {Image.open(f).mode for f in files}
     assert len(files) >= 40 and {"L", "RGB", "RGBA"} <= modes  # grey ROIs, colour photos, alpha
@@ -389,12 +389,12 @@ def test_bad_arguments_fail_before_any_work(deduped, client):
 # ---------------------------------------------------------------- real IFCB data from two sources
 
 
-def test_ifcb_rois_from_the_raw_bin_and_the_shipped_pngs_are_cross_source_duplicates(shared_data, client,
+def test_ifcb_rois_from_the_raw_bin_and_the_shipped_pngs_are_cross_source_duplicates(sample_data, client,
                                                                                         tmp_path):
     url = str(tmp_path / "cat.zarr")
-    raw = shared_data / CLASSIPYR / "raw/2022/D20220522" / f"{BIN}.roi"
+    raw = sample_data / CLASSIPYR / "raw/2022/D20220522" / f"{BIN}.roi"
     ingest([str(raw)], url, format="ifcb", source="ifcb_raw", shard_len=64, client=client, progress=False)
-    ingest([str(shared_data / CLASSIPYR / "png")], url, format="folder", source="ifcb_png", append=True,
+    ingest([str(sample_data / CLASSIPYR / "png")], url, format="folder", source="ifcb_png", append=True,
            client=client, progress=False)
     report = dd.dedup(url, methods="exact,near", client=client, progress=False)
     ds = open_catalog(url)[["image_id", "source", "dup_near", "dup_keep"]].compute()

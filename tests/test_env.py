@@ -106,7 +106,7 @@ def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy
     assert ds["env_sst"].attrs["tolerances"]["time_days"] == 1.0
 
 
-def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, shared_data):
+def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, sample_data):
     url = catalog_copy
     group = catalog.open_group(url, mode="r+")
     shard_len = catalog.metadata(group)["shard_len"]
@@ -117,8 +117,8 @@ def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, 
         cols["time"][i] = np.datetime64(f"2021-{month:02d}-03T10:00", "ms").astype(np.int64)
     cols["time"][len(SAMPLES)] = TIME_FILL  # a located image without a time
     catalog.write_arrays(group, 0, shard_len, cols)
-    env(url, str(shared_data / COBE), {"sst": "sst"}, client=client, progress=False)
-    env(url, str(shared_data / BASIN), ["basin"], options=JoinOptions(land_fill_km=200), client=client,
+    env(url, str(sample_data / COBE), {"sst": "sst"}, client=client, progress=False)
+    env(url, str(sample_data / BASIN), ["basin"], options=JoinOptions(land_fill_km=200), client=client,
         progress=False)
     ds = open_catalog(url).isel(image=slice(0, len(SAMPLES) + 1))
     np.testing.assert_allclose(ds["env_sst"].values[:5], [s[3] for s in SAMPLES], atol=0.01)
@@ -129,11 +129,11 @@ def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, 
     assert ds["env_sst"].attrs["time_method"] == "month of year (climatology)"
 
 
-def test_bad_variables_and_grids_fail_before_any_write(client, catalog_copy, grid, shared_data):
+def test_bad_variables_and_grids_fail_before_any_write(client, catalog_copy, grid, sample_data):
     with pytest.raises(InputError, match="no variable 'chlor'"):
         env(catalog_copy, grid, ["chlor"], client=client, progress=False)
     with pytest.raises(InputError, match="curvilinear"):
-        env(catalog_copy, str(shared_data / "iris-sample-data/NEMO/nemo_1m_20150101-20150201_grid-T.nc"), ["sst"],
+        env(catalog_copy, str(sample_data / "iris-sample-data/NEMO/nemo_1m_20150101-20150201_grid-T.nc"), ["sst"],
             client=client, progress=False)
     with pytest.raises(InputError, match="bad variable spec"):
         parse_variables(["2x=sst"])

@@ -1,4 +1,4 @@
-"""Nearest-cell lookups on the real grids in ../shared/data and on synthetic grids, checked
+"""Nearest-cell lookups on the real grids in tests/data and on synthetic grids, checked
 against the values in the grid notes and against an independent brute-force numpy search."""
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def read_raw(path, name: str) -> np.ndarray:
         return np.ma.filled(nc[name][:].astype(np.float64), np.nan)
 
 
-def test_cobe_climatology_year_0001_gives_the_listed_values(shared_data):
-    with Grid.open(shared_data / COBE, "sst") as grid:
+def test_cobe_climatology_year_0001_gives_the_listed_values(sample_data):
+    with Grid.open(sample_data / COBE, "sst") as grid:
         assert grid.time is not None and grid.time.climatology and grid.time_mode == "month"
         assert grid.time.calendar == "standard" and grid.units == "degC"
         for year in (1985, 2024):  # any year: a climatology is indexed by month of year
@@ -68,8 +68,8 @@ def test_cobe_climatology_year_0001_gives_the_listed_values(shared_data):
         assert qc.tolist() == ["no_position", "ok"]
 
 
-def test_land_cell_is_nan_with_a_flag_unless_a_fill_is_asked(shared_data):
-    path = shared_data / BASIN
+def test_land_cell_is_nan_with_a_flag_unless_a_fill_is_asked(sample_data):
+    path = sample_data / BASIN
     surface = np.zeros(len(SAMPLES))
     with Grid.open(path, "basin") as grid:
         assert grid.axes == {"lat": "Y", "lon": "X", "depth": "Z"}  # X/Y/Z names, 0..360 longitudes
@@ -86,8 +86,8 @@ def test_land_cell_is_nan_with_a_flag_unless_a_fill_is_asked(shared_data):
     assert qc.tolist() == ["ok"] * 4 + ["land_filled"]
 
 
-def test_oisst_single_day_is_valid_at_any_time(shared_data):
-    with Grid.open(shared_data / OISST, "sst") as grid:  # netCDF-3, packed int16, zlev of one level
+def test_oisst_single_day_is_valid_at_any_time(sample_data):
+    with Grid.open(sample_data / OISST, "sst") as grid:  # netCDF-3, packed int16, zlev of one level
         assert grid.time_mode == "none" and grid.depth is None
         values, qc = grid.join(LAT, LON, time=sample_times(2019))
     np.testing.assert_allclose(values, [s[6] for s in SAMPLES], atol=0.005)
@@ -106,17 +106,17 @@ def test_seam_points_either_side_get_the_cell_at_0_and_at_180(tmp_path, conventi
     np.testing.assert_array_equal(values, np.float32(expected[[at_zero, at_zero, at_180, at_180]]))
 
 
-def test_seam_on_a_real_grid_and_a_box_straddling_zero(shared_data):
-    oisst = read_raw(shared_data / OISST, "sst")[0, 0]  # lon 0, 2, ..., 358
-    with Grid.open(shared_data / OISST, "sst") as grid:
+def test_seam_on_a_real_grid_and_a_box_straddling_zero(sample_data):
+    oisst = read_raw(sample_data / OISST, "sst")[0, 0]  # lon 0, 2, ..., 358
+    with Grid.open(sample_data / OISST, "sst") as grid:
         values, _ = grid.join([0.5, 0.5], [359.8, -0.2])
     assert values[0] == values[1] == np.float32(oisst[45, 0])
     # atlantic_profiles: lon 0.5 then 325.5..355.5 (not monotonic); theta in K; "degrees" units
-    theta = read_raw(shared_data / ATLANTIC, "theta")
-    with Grid.open(shared_data / ATLANTIC, "thetao") as grid:
+    theta = read_raw(sample_data / ATLANTIC, "theta")
+    with Grid.open(sample_data / ATLANTIC, "thetao") as grid:
         assert grid.name == "theta" and grid.units == "degC" and grid.source_units == "K"
         values, qc = grid.join([-5.0, -5.0, -5.0], [-0.2, 359.0, -30.0], depth_min=np.array([26.0, 26.0, 26.0]))
-    lats, lons = read_raw(shared_data / ATLANTIC, "lat"), read_raw(shared_data / ATLANTIC, "lon")
+    lats, lons = read_raw(sample_data / ATLANTIC, "lat"), read_raw(sample_data / ATLANTIC, "lon")
     row = brute_force_nearest(lats, np.array([-5.0]))[0]
     columns = brute_force_nearest(lons, np.array([-0.2, 359.0, -30.0]), circular=True)
     assert columns.tolist() == [0, 0, 2]  # 0.5 E across the seam; 330.5 E
@@ -124,8 +124,8 @@ def test_seam_on_a_real_grid_and_a_box_straddling_zero(shared_data):
     assert set(qc) == {"ok"}
 
 
-def test_coastal_point_takes_the_nearest_ocean_value_only_when_asked(shared_data):
-    path = shared_data / CMEMS_SO
+def test_coastal_point_takes_the_nearest_ocean_value_only_when_asked(sample_data):
+    path = sample_data / CMEMS_SO
     so = read_raw(path, "so")[0, 0]
     lats, lons = read_raw(path, "latitude"), read_raw(path, "longitude")
     land = np.isnan(so)
@@ -150,8 +150,8 @@ def test_coastal_point_takes_the_nearest_ocean_value_only_when_asked(shared_data
     assert central.min() * grids.EARTH_RADIUS_KM < 30
 
 
-def test_ostia_daily_kelvin_and_time_tolerance_match_numpy(shared_data):
-    path = shared_data / OSTIA_DAILY
+def test_ostia_daily_kelvin_and_time_tolerance_match_numpy(sample_data):
+    path = sample_data / OSTIA_DAILY
     raw = read_raw(path, "analysed_sst")
     lats, lons = read_raw(path, "lat"), read_raw(path, "lon")
     with netCDF4.Dataset(path) as nc:
@@ -173,8 +173,8 @@ def test_ostia_daily_kelvin_and_time_tolerance_match_numpy(shared_data):
     assert np.isnan(outside).all() and qc_outside.tolist() == ["out_of_range", "out_of_range", "no_position"]
 
 
-def test_copernicus_salinity_with_a_float32_time_axis_matches_numpy(shared_data):
-    path = shared_data / CMEMS_SO
+def test_copernicus_salinity_with_a_float32_time_axis_matches_numpy(sample_data):
+    path = sample_data / CMEMS_SO
     raw = read_raw(path, "so")
     lats, lons = read_raw(path, "latitude"), read_raw(path, "longitude")
     rng = np.random.default_rng(5)
@@ -194,8 +194,8 @@ def test_copernicus_salinity_with_a_float32_time_axis_matches_numpy(shared_data)
     assert np.isnan(expected[qc == "no_data"]).all() and np.isnan(values[~ok]).all()
 
 
-def test_ibi_cube_nearest_level_and_mean_over_a_depth_range(shared_data):
-    path = shared_data / IBI
+def test_ibi_cube_nearest_level_and_mean_over_a_depth_range(sample_data):
+    path = sample_data / IBI
     raw = read_raw(path, "thetao")  # (29 years, 2 levels 0.506/1.556 m, 3, 3), packed -> float64
     lat, lon = [34.09, 34.09, 34.09, 34.09], [-9.74, -9.74, -9.74, -9.74]
     when = np.array(["1995-03-01", "1995-03-01", "1995-03-01", "1990-01-01"], dtype="datetime64[ms]")
@@ -241,8 +241,8 @@ def test_random_points_match_an_independent_numpy_search(tmp_path):
     np.testing.assert_allclose(values[qc == "ok"], analytic[qc == "ok"], atol=1e-4)
 
 
-def test_random_points_on_a_real_0_360_grid_match_xarray_sel_away_from_the_seam(shared_data):
-    path = shared_data / OSTIA_MONTHLY
+def test_random_points_on_a_real_0_360_grid_match_xarray_sel_away_from_the_seam(sample_data):
+    path = sample_data / OSTIA_MONTHLY
     ds = xr.open_dataset(path)
     rng = np.random.default_rng(2)
     n = 5000
@@ -287,30 +287,30 @@ def test_calendars_360_day_and_time_units():
         TimeAxis.of(xr.DataArray([0.0], dims="t", name="t", attrs={"units": "months"}))
 
 
-def test_axis_and_variable_names_and_errors(shared_data, tmp_path):
-    with grids.opened(shared_data / OSTIA_MONTHLY) as ds:
+def test_axis_and_variable_names_and_errors(sample_data, tmp_path):
+    with grids.opened(sample_data / OSTIA_MONTHLY) as ds:
         assert grids.resolve_variable(ds, "sst") == "surface_temperature"
         assert grids.detect_axes(ds["surface_temperature"]) == {"time": "time", "lat": "latitude",
                                                                 "lon": "longitude"}
-    with grids.opened(shared_data / SEAWIFS) as ds:
+    with grids.opened(sample_data / SEAWIFS) as ds:
         assert grids.resolve_variable(ds, "chlor_a") == "chlor_a"
-        grid = Grid(ds["chlor_a"], source=str(shared_data / SEAWIFS))
+        grid = Grid(ds["chlor_a"], source=str(sample_data / SEAWIFS))
         chl = ds["chlor_a"]
         finite = np.argwhere(np.isfinite(chl.values))[:3]
         values, qc = grid.join(chl["lat"].values[finite[:, 0]], chl["lon"].values[finite[:, 1]])
         np.testing.assert_array_equal(values, chl.values[finite[:, 0], finite[:, 1]])
         assert grid.describe()["grid"].endswith(SEAWIFS)
-    with grids.opened(shared_data / ATLANTIC) as ds:
+    with grids.opened(sample_data / ATLANTIC) as ds:
         assert grids.resolve_variable(ds, "so") == "salinity"
-    with pytest.raises(InputError, match="curvilinear"), Grid.open(shared_data / NEMO, "sst"):
+    with pytest.raises(InputError, match="curvilinear"), Grid.open(sample_data / NEMO, "sst"):
         pass
-    with pytest.raises(InputError, match="N_PROF"), Grid.open(shared_data / ARGO, "thetao"):
+    with pytest.raises(InputError, match="N_PROF"), Grid.open(sample_data / ARGO, "thetao"):
         pass
     with pytest.raises(InputError, match=r"no variable 'chlor_a'.*analysed_sst"), \
-            Grid.open(shared_data / OSTIA_DAILY, "chlor_a"):
+            Grid.open(sample_data / OSTIA_DAILY, "chlor_a"):
         pass
     with pytest.raises(InputError, match="cannot open as a grid"):
-        grids.open_grid(shared_data / "nctoolkit" / "SOURCE.txt")
+        grids.open_grid(sample_data / "nctoolkit" / "SOURCE.txt")
     with pytest.raises(InputError, match="cannot open as a grid"):
         grids.open_grid(tmp_path / "absent.nc")
     with pytest.raises(InputError, match="depth must be"):

@@ -27,19 +27,19 @@ def _adc_images(adc_path, schema):
             enumerate(zip(adc["width"], adc["height"], adc["start_byte"], keep, strict=True)) if k]
 
 
-def test_ifcb_bins_ingest_with_exact_rois_and_raw_pixels(shared_data, client, tmp_path):
+def test_ifcb_bins_ingest_with_exact_rois_and_raw_pixels(sample_data, client, tmp_path):
     url = str(tmp_path / "cat.zarr")
-    sources = [shared_data / "pyifcb", shared_data / "irfcb" / "test_data" / "data",
-               shared_data / "classipyr" / "test_data" / "raw"]
+    sources = [sample_data / "pyifcb", sample_data / "irfcb" / "test_data" / "data",
+               sample_data / "classipyr" / "test_data" / "raw"]
     report = ingest([str(s) for s in sources], url, format="ifcb", source="ifcb_samples", shard_len=64,
                     client=client, progress=False)
     ds = open_catalog(url).drop_vars("image_bytes").compute()
     good = {
-        "IFCB5_2012_028_081515": (shared_data / "pyifcb/data/2012/IFCB5_2012_028/IFCB5_2012_028_081515", 1),
-        "D20130526T095207_IFCB013": (shared_data / "pyifcb/white/D2013/D201305/D20130526/D20130526T095207_IFCB013",
+        "IFCB5_2012_028_081515": (sample_data / "pyifcb/data/2012/IFCB5_2012_028/IFCB5_2012_028_081515", 1),
+        "D20130526T095207_IFCB013": (sample_data / "pyifcb/white/D2013/D201305/D20130526/D20130526T095207_IFCB013",
                                      2),
-        "D20220522T003051_IFCB134": (shared_data / "irfcb/test_data/data/D20220522T003051_IFCB134", 2),
-        "D20220522T000439_IFCB134": (shared_data / "classipyr/test_data/raw/2022/D20220522/D20220522T000439_IFCB134",
+        "D20220522T003051_IFCB134": (sample_data / "irfcb/test_data/data/D20220522T003051_IFCB134", 2),
+        "D20220522T000439_IFCB134": (sample_data / "classipyr/test_data/raw/2022/D20220522/D20220522T000439_IFCB134",
                                      2),
     }
     assert ds.sizes["image"] == 6 + 19 + 2 + 7
@@ -64,9 +64,9 @@ def test_ifcb_bins_ingest_with_exact_rois_and_raw_pixels(shared_data, client, tm
     assert info.summarize(url)["plans"][0]["input_errors"] == len(report.input_errors)
 
 
-def test_ecotaxa_exports_ingest_with_labels_and_coordinates(shared_data, client, tmp_path):
+def test_ecotaxa_exports_ingest_with_labels_and_coordinates(sample_data, client, tmp_path):
     url = str(tmp_path / "cat.zarr")
-    ingest([str(shared_data / "ecotaxa_back"), str(shared_data / "irfcb" / "exdata")], url, format="ecotaxa",
+    ingest([str(sample_data / "ecotaxa_back"), str(sample_data / "irfcb" / "exdata")], url, format="ecotaxa",
            shard_len=64, client=client, progress=False)
     ds = open_catalog(url).drop_vars("image_bytes").compute()
     labels = set(ds["original_label"].values)
@@ -83,17 +83,17 @@ def test_ecotaxa_exports_ingest_with_labels_and_coordinates(shared_data, client,
     assert zooscan.any() and (ds["status"].values[zooscan] == "missing_image").all()
 
 
-def _class_tree(shared_data, root):
-    for src in [*(shared_data / "irfcb/test_data").glob("png*/*/*.png"),
-                *(shared_data / "classipyr/test_data/example_png").glob("*/*.png")]:
+def _class_tree(sample_data, root):
+    for src in [*(sample_data / "irfcb/test_data").glob("png*/*/*.png"),
+                *(sample_data / "classipyr/test_data/example_png").glob("*/*.png")]:
         dest = root / "imgs" / src.parent.name / src.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dest)
     return root
 
 
-def test_class_folder_from_folder_tar_gz_and_zip_gives_identical_catalogs(shared_data, client, tmp_path):
-    tree = _class_tree(shared_data, tmp_path / "tree")
+def test_class_folder_from_folder_tar_gz_and_zip_gives_identical_catalogs(sample_data, client, tmp_path):
+    tree = _class_tree(sample_data, tmp_path / "tree")
     with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
         tar.add(tree / "imgs", arcname="imgs")
     with zipfile.ZipFile(tmp_path / "tree.zip", "w") as zf:
@@ -109,9 +109,9 @@ def test_class_folder_from_folder_tar_gz_and_zip_gives_identical_catalogs(shared
     assert "Mesodinium_rubrum" in set(ds["original_label"].values)
 
 
-def test_archive_with_parent_member_is_refused_and_nothing_written(shared_data, client, tmp_path):
+def test_archive_with_parent_member_is_refused_and_nothing_written(sample_data, client, tmp_path):
     evil = tmp_path / "evil.tar"
-    png = next((shared_data / "irfcb/test_data/png").rglob("*.png"))
+    png = next((sample_data / "irfcb/test_data/png").rglob("*.png"))
     with tarfile.open(evil, "w") as tar:
         tar.add(png, arcname="imgs/good/a.png")
         tar.add(png, arcname="../x.png")
@@ -121,13 +121,13 @@ def test_archive_with_parent_member_is_refused_and_nothing_written(shared_data, 
     assert not (tmp_path / "x.png").exists() and not url.exists()
 
 
-def test_two_formats_in_one_catalog_and_taxonomy_report(shared_data, synth_dir, client, tmp_path):
-    table = str(shared_data / "planktonzilla" / "planktonzilla_taxonomy.csv")
+def test_two_formats_in_one_catalog_and_taxonomy_report(sample_data, synth_dir, client, tmp_path):
+    table = str(sample_data / "planktonzilla" / "planktonzilla_taxonomy.csv")
     url = str(tmp_path / "cat.zarr")
     ingest([str(synth_dir)], url, shard_len=64, client=client, progress=False)
     # a new cruise as class folders named with raw labels, mapped like the zooscan collection
     cruise = tmp_path / "cruise"
-    png = next((shared_data / "irfcb/test_data/png").rglob("*.png"))
+    png = next((sample_data / "irfcb/test_data/png").rglob("*.png"))
     for label in ("Harpacticoida", "Chaetognatha", "Not_a_taxon"):
         (cruise / "imgs" / label).mkdir(parents=True)
         for k in range(3):

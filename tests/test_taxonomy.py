@@ -7,8 +7,8 @@ from pzscale.schema import BY_NAME, VARIABLE_NAMES
 
 
 @pytest.fixture(scope="module")
-def table(shared_data):
-    return taxonomy.read_table(str(shared_data / "planktonzilla" / "planktonzilla_taxonomy.csv"))
+def table(sample_data):
+    return taxonomy.read_table(str(sample_data / "planktonzilla" / "planktonzilla_taxonomy.csv"))
 
 
 def _columns(sources, labels, hierarchies=None):

@@ -54,8 +54,8 @@ def read_all(path: Path | str, **kw) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", SAMPLE_TSVS)
-def test_every_sample_tsv_plans_exact_rows_and_reads_them(shared_data, name):
-    path = shared_data / name
+def test_every_sample_tsv_plans_exact_rows_and_reads_them(sample_data, name):
+    path = sample_data / name
     expected = csv_rows(path)
     [item] = READER.plan(str(path))
     assert item.error == "" and item.rows == len(expected) and item.size == path.stat().st_size
@@ -75,8 +75,8 @@ def test_every_sample_tsv_plans_exact_rows_and_reads_them(shared_data, name):
         assert r["image"]["bytes"] == (on_disk.read_bytes() if on_disk.is_file() else None)
 
 
-def test_slices_read_the_same_rows_as_one_read(shared_data):
-    [item] = READER.plan(str(shared_data / SAMPLE_TSVS[0]))
+def test_slices_read_the_same_rows_as_one_read(sample_data):
+    [item] = READER.plan(str(sample_data / SAMPLE_TSVS[0]))
     whole = READER.read(item, 0, item.rows).to_pylist()
     for first in range(item.rows):
         for stop in range(first + 1, item.rows + 1):
@@ -84,22 +84,22 @@ def test_slices_read_the_same_rows_as_one_read(shared_data):
 
 
 @pytest.mark.parametrize("name", [SAMPLE_TSVS[0], SAMPLE_TSVS[7], f"{UVP6}/b_da_19_Images.zip"])
-def test_recorded_row_offsets_give_the_same_slices(shared_data, monkeypatch, name):
-    [plain] = READER.plan(str(shared_data / name))
+def test_recorded_row_offsets_give_the_same_slices(sample_data, monkeypatch, name):
+    [plain] = READER.plan(str(sample_data / name))
     whole = READER.read(plain, 0, plain.rows).to_pylist()
     monkeypatch.setattr(ecotaxa, "CHECKPOINT", 2)  # a seek every 2 rows instead of every 10,000
-    [item] = READER.plan(str(shared_data / name))
+    [item] = READER.plan(str(sample_data / name))
     assert len(item.info["offsets"]) == (item.rows + 1) // 2 and item.info["offset_every"] == 2
     for first in range(item.rows):
         for stop in range(first + 1, item.rows + 1):
             assert READER.read(item, first, stop).to_pylist() == whole[first:stop]
 
 
-def test_m106_zooscan_images_labels_and_shared_image_rows(shared_data):
-    rows = read_all(shared_data / M106)
+def test_m106_zooscan_images_labels_and_shared_image_rows(sample_data):
+    rows = read_all(sample_data / M106)
     assert len(rows) == 8 + 3
     for r in rows:
-        jpeg = next((shared_data / M106).rglob(r["original_path"]))
+        jpeg = next((sample_data / M106).rglob(r["original_path"]))
         assert r["image"]["bytes"] == jpeg.read_bytes()  # the JPEG itself, not re-encoded
     labels = {r["original_label"] for r in rows}
     assert {"Oncaeidae", "Cyclopoida", "detritus", "egg<other", "other<Biota", "t001"} <= labels
@@ -115,8 +115,8 @@ def test_m106_zooscan_images_labels_and_shared_image_rows(shared_data):
     assert first["dataset"] == "ecotaxa_epson"  # acq_instrument is the scanner ("epson") in these files
 
 
-def test_uvp6_latin1_degree_coordinates(shared_data):
-    tsv = shared_data / UVP6 / "b_da_19_Images" / "ecotaxa_b_da_19.tsv"
+def test_uvp6_latin1_degree_coordinates(sample_data):
+    tsv = sample_data / UVP6 / "b_da_19_Images" / "ecotaxa_b_da_19.tsv"
     assert b"\t43\xb00 0\t17\xb00 0\t" in tsv.read_bytes()  # Latin-1 degree sign: 43°0'0" N, 17°0'0" E
     [item] = READER.plan(str(tsv))
     assert item.info["encoding"] == "iso-8859-1" and item.info["source"] == "ecotaxa_uvp6"
@@ -131,18 +131,18 @@ def test_uvp6_latin1_degree_coordinates(shared_data):
     assert {r["original_path"].split("/")[0] for r in rows} == {"sub1", "sub2"}
 
 
-def test_uvp6_zip_is_read_in_place(shared_data):
-    archive = shared_data / UVP6 / "b_da_19_Images.zip"
+def test_uvp6_zip_is_read_in_place(sample_data):
+    archive = sample_data / UVP6 / "b_da_19_Images.zip"
     [item] = READER.plan(str(archive))
     assert item.info["member"] == "b_da_19_Images/ecotaxa_b_da_19.tsv" and item.rows == 15
     from_zip = READER.read(item, 0, item.rows)
-    [folder_item] = READER.plan(str(shared_data / UVP6 / "b_da_19_Images"))
+    [folder_item] = READER.plan(str(sample_data / UVP6 / "b_da_19_Images"))
     assert from_zip.equals(READER.read(folder_item, 0, folder_item.rows))
     assert READER.read(item, 3, 7).to_pylist() == from_zip.to_pylist()[3:7]
 
 
-def test_zip_built_from_a_folder_gives_the_same_records(shared_data, tmp_path):
-    folder = shared_data / M106 / "m106_mn01_n1_sml"
+def test_zip_built_from_a_folder_gives_the_same_records(sample_data, tmp_path):
+    folder = sample_data / M106 / "m106_mn01_n1_sml"
     archive = tmp_path / "export.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(folder.iterdir()):
@@ -154,8 +154,8 @@ def test_zip_built_from_a_folder_gives_the_same_records(shared_data, tmp_path):
     assert READER.read(item, 0, item.rows).equals(READER.read(folder_item, 0, folder_item.rows))
 
 
-def test_latin1_zooscan_table_and_multi_image_objects(shared_data):
-    tsv = shared_data / "irfcb/exdata/ecotaxa_table_without_classification.tsv"
+def test_latin1_zooscan_table_and_multi_image_objects(sample_data):
+    tsv = sample_data / "irfcb/exdata/ecotaxa_table_without_classification.tsv"
     with tsv.open("rb") as fh:
         table = read_table(fh, "iso-8859-1", type_row=True, columns=set())
     assert "process_particle_pixel_size_µm" in table.columns  # byte 0xB5 decoded as µ
@@ -169,8 +169,8 @@ def test_latin1_zooscan_table_and_multi_image_objects(shared_data):
     assert {r["instrument"] for r in rows} == {"ZooScan"}
 
 
-def test_vpr_set(shared_data):
-    folder = shared_data / "ecotaxa_back/import_sparse"
+def test_vpr_set(sample_data):
+    folder = sample_data / "ecotaxa_back/import_sparse"
     rows = read_all(folder)
     assert len(rows) == 6
     assert {(r["Latitude"], r["Longitude"]) for r in rows} == {(77.0709, 161.8121)}  # sign kept as in the file
@@ -179,8 +179,8 @@ def test_vpr_set(shared_data):
     assert all(r["image"]["bytes"] == (folder / r["original_path"]).read_bytes() for r in rows)
 
 
-def test_crlf_ifcb_table(shared_data):
-    rows = read_all(shared_data / "irfcb/exdata/example_table_ifcb.tsv")
+def test_crlf_ifcb_table(sample_data):
+    rows = read_all(sample_data / "irfcb/exdata/example_table_ifcb.tsv")
     assert len(rows) == 2
     first = rows[0]
     assert first["original_label"] == "Amphidinium-like" and first["aphia_ID"] == "109473"
@@ -190,9 +190,9 @@ def test_crlf_ifcb_table(shared_data):
     assert not any("\r" in str(v) for r in rows for v in r.values())
 
 
-def test_missing_image_leaves_that_row_without_bytes(shared_data, tmp_path):
+def test_missing_image_leaves_that_row_without_bytes(sample_data, tmp_path):
     folder = tmp_path / "n2"
-    shutil.copytree(shared_data / M106 / "m106_mn01_n2_sml", folder)
+    shutil.copytree(sample_data / M106 / "m106_mn01_n2_sml", folder)
     (folder / "m106_mn01_n2_sml_1081.jpg").unlink()
     rows = read_all(folder)
     assert [r["image"]["bytes"] is None for r in rows] == [False, True, False]
@@ -200,8 +200,8 @@ def test_missing_image_leaves_that_row_without_bytes(shared_data, tmp_path):
     assert rows[2]["image"]["bytes"] == (folder / "m106_mn01_n2_sml_1111.jpg").read_bytes()
 
 
-def test_folder_plan_is_sorted_and_includes_zips(shared_data):
-    items = READER.plan(str(shared_data / "ecotaxa_back"))
+def test_folder_plan_is_sorted_and_includes_zips(sample_data):
+    items = READER.plan(str(sample_data / "ecotaxa_back"))
     assert [it.rows for it in items] == [6, 8, 3, 15, 15]
     assert [(it.info["container"], it.info["member"]) for it in items] == sorted(
         (it.info["container"], it.info["member"]) for it in items
@@ -209,14 +209,14 @@ def test_folder_plan_is_sorted_and_includes_zips(shared_data):
     assert items[3].info["member"] and not items[4].info["member"]  # the zip, then its unzipped copy
 
 
-def test_given_source_wins(shared_data):
-    [item] = READER.plan(str(shared_data / SAMPLE_TSVS[2]), source="my_uvp")
+def test_given_source_wins(sample_data):
+    [item] = READER.plan(str(sample_data / SAMPLE_TSVS[2]), source="my_uvp")
     assert item.info["source"] == "my_uvp"
     assert {r["dataset"] for r in READER.read(item, 0, 2).to_pylist()} == {"my_uvp"}
 
 
-def test_default_source_without_instrument(shared_data):
-    [item] = READER.plan(str(shared_data / "irfcb/exdata/ecotaxa_table_minimum.tsv"))
+def test_default_source_without_instrument(sample_data):
+    [item] = READER.plan(str(sample_data / "irfcb/exdata/ecotaxa_table_minimum.tsv"))
     assert item.info["source"] == "ecotaxa"
 
 
@@ -271,22 +271,22 @@ def test_bad_tables_are_reported_per_item(tmp_path):
     assert [it.rows for it in items] == [0, 1, 0, 0]
 
 
-def test_nothing_ecotaxa_like_raises(shared_data, tmp_path):
+def test_nothing_ecotaxa_like_raises(sample_data, tmp_path):
     (tmp_path / "other.tsv").write_text("name\tvalue\nx\t1\n")
     with pytest.raises(InputError, match="no EcoTaxa TSV"):
         READER.plan(str(tmp_path))
     with pytest.raises(InputError, match="no such file"):
         READER.plan(str(tmp_path / "missing"))
     with pytest.raises(InputError):
-        READER.plan(str(shared_data / "pyifcb"))
+        READER.plan(str(sample_data / "pyifcb"))
 
 
-def test_guess_can_open(shared_data, tmp_path):
+def test_guess_can_open(sample_data, tmp_path):
     for name in ["ecotaxa_back", M106, UVP6, f"{UVP6}/b_da_19_Images.zip", "ecotaxa_back/import_sparse",
                  "irfcb/exdata", "zooprocess-lib/data/features", *SAMPLE_TSVS]:
-        assert READER.guess_can_open(str(shared_data / name)), name
+        assert READER.guess_can_open(str(sample_data / name)), name
     (tmp_path / "other.tsv").write_text("name\tvalue\nx\t1\n")
-    for path in [shared_data / "pyifcb", tmp_path, tmp_path / "other.tsv", tmp_path / "missing.tsv"]:
+    for path in [sample_data / "pyifcb", tmp_path, tmp_path / "other.tsv", tmp_path / "missing.tsv"]:
         assert not READER.guess_can_open(str(path)), path
 
 

@@ -27,12 +27,12 @@ def _image_bytes(fmt: str, value: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory, shared_data) -> Path:
+def tree(tmp_path_factory, sample_data) -> Path:
     """tree/topdir/<class>/<image>: the real IFCB PNGs in their class folders, a few made here, and non-images."""
     root = tmp_path_factory.mktemp("folder") / "tree"
     top = root / "topdir"
     for pattern in REAL_PNGS:
-        for png in sorted(shared_data.glob(pattern)):
+        for png in sorted(sample_data.glob(pattern)):
             (top / png.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, top / png.parent.name / png.name)
     (top / "detritus").mkdir()

@@ -1,4 +1,4 @@
-"""IFCB raw-bin reader against the real sample bins in ../shared/data (numbers from notes/formats.md section 1)."""
+"""IFCB raw-bin reader against the real sample bins in tests/data (layouts as pyifcb and ifcb-analysis read them)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def read_all(path: Path, **plan_args):
 
 
 @pytest.mark.parametrize("bin_path", GOOD_BINS)
-def test_good_bins_give_raw_pixels_of_every_nonempty_roi(shared_data, bin_path):
-    stem = shared_data / bin_path
+def test_good_bins_give_raw_pixels_of_every_nonempty_roi(sample_data, bin_path):
+    stem = sample_data / bin_path
     schema, count, roi_numbers = GOOD_BINS[bin_path]
     expected = raw_rois(stem, schema)
     item, table = read_all(stem.parent / f"{stem.name}.adc")
@@ -78,26 +78,26 @@ def test_good_bins_give_raw_pixels_of_every_nonempty_roi(shared_data, bin_path):
     assert table.column("image").to_pylist()[0]["path"] == f"{lid}_{next(iter(expected)):05d}.png"
 
 
-def test_v1_roi_2_has_the_documented_shape(shared_data):
-    _, table = read_all(shared_data / f"{V1_BIN}.hdr")
+def test_v1_roi_2_has_the_documented_shape(sample_data):
+    _, table = read_all(sample_data / f"{V1_BIN}.hdr")
     assert decode(table.column("image")[1].as_py()["bytes"]).shape == (137, 238)
 
 
-def test_stretched_pixels_equal_the_shipped_pngs(shared_data):
-    pngs = sorted((shared_data / "classipyr/test_data/png/D20220522T000439_IFCB134").glob("*.png"))
-    pngs.append(shared_data / "irfcb/test_data/png2/Mesodinium_rubrum/D20220522T003051_IFCB134_00003.png")
+def test_stretched_pixels_equal_the_shipped_pngs(sample_data):
+    pngs = sorted((sample_data / "classipyr/test_data/png/D20220522T000439_IFCB134").glob("*.png"))
+    pngs.append(sample_data / "irfcb/test_data/png2/Mesodinium_rubrum/D20220522T003051_IFCB134_00003.png")
     assert len(pngs) == 8 and all(p.exists() for p in pngs)
     by_name = {}
     for bin_path in (CLASSIPYR_BIN, IRFCB_BIN):
-        _, table = read_all(shared_data / f"{bin_path}.roi")
+        _, table = read_all(sample_data / f"{bin_path}.roi")
         by_name.update({img["path"]: decode(img["bytes"]) for img in table.column("image").to_pylist()})
     for png in pngs:
         assert np.array_equal(stretch(by_name[png.name]), np.asarray(Image.open(png))), png.name
 
 
-def test_roi_numbers_are_adc_line_numbers_with_zero_size_lines_skipped(shared_data):
-    _, table = read_all(shared_data / f"{V2_2013_BIN}.adc")
-    lines = (shared_data / f"{V2_2013_BIN}.adc").read_text().splitlines()
+def test_roi_numbers_are_adc_line_numbers_with_zero_size_lines_skipped(sample_data):
+    _, table = read_all(sample_data / f"{V2_2013_BIN}.adc")
+    lines = (sample_data / f"{V2_2013_BIN}.adc").read_text().splitlines()
     numbers = [int(obj.rsplit("_", 1)[1]) for obj in table.column("ObjID").to_pylist()]
     assert len(lines) == 118 and len(numbers) == 19 and numbers != list(range(1, 20))
     for n in numbers:  # each named line has an image, and every other line has none
@@ -106,57 +106,57 @@ def test_roi_numbers_are_adc_line_numbers_with_zero_size_lines_skipped(shared_da
     assert all(table.column("ObjID").to_pylist()[i].endswith(f"_{n:05d}") for i, n in enumerate(numbers))
 
 
-def test_times_come_from_bin_names(shared_data):
+def test_times_come_from_bin_names(sample_data):
     assert bin_time("IFCB5_2012_028_081515").isoformat() == "2012-01-28T08:15:15+00:00"
     assert bin_time("D20130526T095207_IFCB013").isoformat() == "2013-05-26T09:52:07+00:00"
     assert bin_time("IFCB1_2008_366_000000").isoformat() == "2008-12-31T00:00:00+00:00"  # leap year
     with pytest.raises(InputError, match="IFCB1_2009_366_000000"):
         bin_time("IFCB1_2009_366_000000")
     for bin_path, when in ((V1_BIN, "2012-01-28T08:15:15Z"), (V2_2013_BIN, "2013-05-26T09:52:07Z")):
-        _, table = read_all(shared_data / f"{bin_path}.adc")
+        _, table = read_all(sample_data / f"{bin_path}.adc")
         assert set(table.column("timestamp").to_pylist()) == {when}
 
 
-def test_volume_analysed(shared_data):
+def test_volume_analysed(sample_data):
     expected = {V2_2013_BIN: 5.081, CLASSIPYR_BIN: 4.861, IRFCB_BIN: 0.25 * (715.6575 - 0.15215060763888888) / 60,
                 V1_BIN: 0.003391470833333334}  # v1: pyifcb's reference value for this bin
     for bin_path, ml in expected.items():
-        _, table = read_all(shared_data / f"{bin_path}.adc")
+        _, table = read_all(sample_data / f"{bin_path}.adc")
         (value,) = set(table.column("volume_analysed_ml").to_pylist())
         assert value == pytest.approx(ml, rel=1e-3), bin_path
 
 
-def test_header_sensors_and_missing_position(shared_data):
-    _, table = read_all(shared_data / f"{V1_BIN}.adc")
+def test_header_sensors_and_missing_position(sample_data):
+    _, table = read_all(sample_data / f"{V1_BIN}.adc")
     row = table.slice(0, 1).to_pylist()[0]
     assert row["Temperature"] == pytest.approx(11.4799732421875)
     assert row["Humidity"] == pytest.approx(32.167437512207)
     assert row["Latitude"] is row["Longitude"] is row["Depth_min"] is row["Depth_max"] is None
 
 
-def test_gps_position_from_the_v2_header(shared_data):
-    items = reader.plan(str(shared_data / f"{GPS_BIN}.adc"))
-    assert [i.error for i in items] == [f"{shared_data / GPS_BIN}: no .roi file (partial bin)"]
-    hdr = parse_hdr((shared_data / f"{GPS_BIN}.hdr").read_text())
+def test_gps_position_from_the_v2_header(sample_data):
+    items = reader.plan(str(sample_data / f"{GPS_BIN}.adc"))
+    assert [i.error for i in items] == [f"{sample_data / GPS_BIN}: no .roi file (partial bin)"]
+    hdr = parse_hdr((sample_data / f"{GPS_BIN}.hdr").read_text())
     assert (float(hdr["gpsLatitude"]), float(hdr["gpsLongitude"])) == (58.25983722, 11.43537362)
     assert hdr["gpsTimeFromFix"] == "Jul/17/2022 16:17:39.00 UTC"
-    adc = parse_adc((shared_data / f"{GPS_BIN}.adc").read_text(), 2)
+    adc = parse_adc((sample_data / f"{GPS_BIN}.adc").read_text(), 2)
     assert len(adc["width"]) == 45 and int(((adc["width"] > 0) & (adc["height"] > 0)).sum()) == 33  # roiCount
 
 
-def test_gps_position_reaches_the_records(shared_data, tmp_path):
+def test_gps_position_reaches_the_records(sample_data, tmp_path):
     # the GPS bin has no .roi: pair its header with the 2022 bin of the same instrument to read it
     stem = tmp_path / "D20220522T003051_IFCB134"
     for ext in (".adc", ".roi"):
-        shutil.copy(shared_data / f"{IRFCB_BIN}{ext}", f"{stem}{ext}")
-    shutil.copy(shared_data / f"{GPS_BIN}.hdr", f"{stem}.hdr")
+        shutil.copy(sample_data / f"{IRFCB_BIN}{ext}", f"{stem}{ext}")
+    shutil.copy(sample_data / f"{GPS_BIN}.hdr", f"{stem}.hdr")
     _, table = read_all(tmp_path)
     assert set(table.column("Latitude").to_pylist()) == {58.25983722}
     assert set(table.column("Longitude").to_pylist()) == {11.43537362}
 
 
-def test_pyifcb_tree_reports_every_bad_bin_and_ignores_the_decoy(shared_data):
-    root = shared_data / "pyifcb"
+def test_pyifcb_tree_reports_every_bad_bin_and_ignores_the_decoy(sample_data):
+    root = sample_data / "pyifcb"
     items = reader.plan(str(root), source="whoi_test")
     found = [(Path(i.source).relative_to(root).as_posix(), i.rows, i.error.removeprefix(f"{i.source}: "))
              for i in items]
@@ -175,8 +175,8 @@ def test_pyifcb_tree_reports_every_bad_bin_and_ignores_the_decoy(shared_data):
             assert "\n" not in item.error and item.error.startswith(f"{item.source}: ")
 
 
-def test_every_sample_header_parses(shared_data):
-    headers = sorted(shared_data.glob("**/*.hdr"))
+def test_every_sample_header_parses(sample_data):
+    headers = sorted(sample_data.glob("**/*.hdr"))
     assert len(headers) == 17
     parsed = {h.name: parse_hdr(h.read_text(encoding="latin-1")) for h in headers}
     # v1 layouts: 6, 5 and 3 value columns, and the oldest with names but no values
@@ -196,23 +196,23 @@ def test_every_sample_header_parses(shared_data):
     assert parsed["D20130101T101010_IFCB099.hdr"] == {}  # 0-byte file
 
 
-def test_v1_adc_with_scientific_notation(shared_data):
-    text = (shared_data / "ifcb-analysis/exampleData/IFCB1_2009_216/IFCB1_2009_216_075913.adc").read_text()
+def test_v1_adc_with_scientific_notation(sample_data):
+    text = (sample_data / "ifcb-analysis/exampleData/IFCB1_2009_216/IFCB1_2009_216_075913.adc").read_text()
     adc = parse_adc(text, 1)
     assert len(adc["trigger"]) == 268
     assert adc["frame_grab_time"][0] == pytest.approx(1.953125e-02)
     assert (adc["width"][0], adc["height"][0], adc["start_byte"][0]) == (130, 78, 1)
 
 
-def test_v2_missing_values_become_nan(shared_data):
-    adc = parse_adc((shared_data / f"{V2_2013_BIN}.adc").read_text(), 2)
+def test_v2_missing_values_become_nan(sample_data):
+    adc = parse_adc((sample_data / f"{V2_2013_BIN}.adc").read_text(), 2)
     assert len(adc["trigger"]) == 118 and adc["run_time"][-1] == pytest.approx(1184.037103)
     bad = "1," + ",".join(["-999.00000"] * 23)
     assert np.isnan(parse_adc(bad, 2)["inhibit_time"][0])
 
 
-def test_read_a_sub_range(shared_data):
-    (item,) = reader.plan(str(shared_data / f"{V2_2013_BIN}.adc"))
+def test_read_a_sub_range(sample_data):
+    (item,) = reader.plan(str(sample_data / f"{V2_2013_BIN}.adc"))
     whole = reader.read(item, 0, item.rows)
     part = reader.read(item, 5, 12)
     assert part.num_rows == 7
@@ -223,8 +223,8 @@ def test_read_a_sub_range(shared_data):
         reader.read(item, 0, item.rows + 1)
 
 
-def test_malformed_bins_become_item_errors(shared_data, tmp_path):
-    good = shared_data / V1_BIN
+def test_malformed_bins_become_item_errors(sample_data, tmp_path):
+    good = sample_data / V1_BIN
     for folder, adc_text, roi_cut in (("bad_adc", "1,2,3\n", None), ("short_roi", None, 60000)):
         stem = tmp_path / folder / good.name
         stem.parent.mkdir()
@@ -242,19 +242,19 @@ def test_malformed_bins_become_item_errors(shared_data, tmp_path):
         parse_adc("1" + ",0" * 14 + ",\n2" + ",0" * 13 + ",x,\n", 1, name="f.adc")
 
 
-def test_inputs_without_bins_raise(shared_data):
+def test_inputs_without_bins_raise(sample_data):
     with pytest.raises(InputError, match="no such file or folder"):
-        reader.plan(str(shared_data / "pyifcb/nowhere"))
+        reader.plan(str(sample_data / "pyifcb/nowhere"))
     with pytest.raises(InputError, match="no IFCB bins found"):
-        reader.plan(str(shared_data / "ecotaxa_back"))
+        reader.plan(str(sample_data / "ecotaxa_back"))
     with pytest.raises(InputError, match="not an IFCB bin file"):
-        reader.plan(str(shared_data / "pyifcb/SOURCE.txt"))
+        reader.plan(str(sample_data / "pyifcb/SOURCE.txt"))
 
 
-def test_guess_can_open(shared_data, tmp_path):
-    assert reader.guess_can_open(str(shared_data / "pyifcb"))
-    assert reader.guess_can_open(str(shared_data / f"{V1_BIN}.adc"))
-    assert not reader.guess_can_open(str(shared_data / "ecotaxa_back"))
+def test_guess_can_open(sample_data, tmp_path):
+    assert reader.guess_can_open(str(sample_data / "pyifcb"))
+    assert reader.guess_can_open(str(sample_data / f"{V1_BIN}.adc"))
+    assert not reader.guess_can_open(str(sample_data / "ecotaxa_back"))
     (tmp_path / "notes.txt").write_text("IFCB5_2012_028_081515")
     assert not reader.guess_can_open(str(tmp_path / "notes.txt"))
     assert not reader.guess_can_open(str(tmp_path))

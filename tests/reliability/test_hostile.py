@@ -64,15 +64,15 @@ def _jpeg(width: int, height: int) -> bytes:
 # ---------------------------------------------------------------- untrusted paths and metadata in a table
 
 
-def test_ecotaxa_table_naming_files_outside_its_folder(shared_data, client, tmp_path, tally):
+def test_ecotaxa_table_naming_files_outside_its_folder(sample_data, client, tmp_path, tally):
     outside = tmp_path / "outside"
     outside.mkdir()
     secret = outside / "secret.jpg"
     secret.write_bytes(_jpeg(12, 9))  # a real image: if it were read, it would decode and be 'ok'
     tables = tmp_path / "tables"
-    shutil.copytree(shared_data / M106, tables)
+    shutil.copytree(sample_data / M106, tables)
     (tables / "link.jpg").symlink_to(secret)
-    jpgs = sorted(p.name for p in (shared_data / M106).glob("*.jpg"))
+    jpgs = sorted(p.name for p in (sample_data / M106).glob("*.jpg"))
     hostile = {
         "../outside/secret.jpg": "'..' in path", str(secret): "absolute path", "link.jpg": "link leading out",
         "C:\\evil.jpg": "absolute path", "sub\\..\\..\\outside\\secret.jpg": "'..' in path",

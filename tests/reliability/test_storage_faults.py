@@ -61,11 +61,11 @@ def test_transient_faults_in_workers_give_the_clean_catalog(small_synth, small_c
     assert again.shards_skipped == clean_report.shards_total and again.shards_written == 0
 
 
-def _class_tree(shared_data, root, copies: int = 4):
+def _class_tree(sample_data, root, copies: int = 4):
     """PNGs in 3 class folders: the real IFCB PNGs of the samples, ``copies`` times under other names
     (3 x 3 x copies images); the collection is named after ``root``."""
-    pngs = sorted([*(shared_data / "irfcb/test_data").glob("png*/*/*.png"),
-                   *(shared_data / "classipyr/test_data/example_png").glob("*/*.png")])
+    pngs = sorted([*(sample_data / "irfcb/test_data").glob("png*/*/*.png"),
+                   *(sample_data / "classipyr/test_data/example_png").glob("*/*.png")])
     for label in ("Ciliophora", "Cryptomonadales", "Mesodinium_rubrum"):
         for copy in range(copies):
             for png in pngs:
@@ -75,12 +75,12 @@ def _class_tree(shared_data, root, copies: int = 4):
     return root
 
 
-def test_transient_faults_never_become_missing_images(shared_data, client, tmp_path, fast_backoff, tally):
+def test_transient_faults_never_become_missing_images(sample_data, client, tmp_path, fast_backoff, tally):
     """Readers that mark a missing image per row (class folders, EcoTaxa folders) must not take a timeout
     for a missing file: the shard is retried and every image arrives."""
-    tree = _class_tree(shared_data, tmp_path / "tree")
+    tree = _class_tree(sample_data, tmp_path / "tree")
     tables = tmp_path / "m106"
-    shutil.copytree(shared_data / "ecotaxa_back/import_test/m106_mn01_n1_sml", tables)
+    shutil.copytree(sample_data / "ecotaxa_back/import_test/m106_mn01_n1_sml", tables)
     clean = str(tmp_path / "clean.zarr")
     ingest([str(tree), str(tables)], clean, shard_len=SHARD_LEN, client=client, progress=False)
     log = tmp_path / "faults"
@@ -182,7 +182,7 @@ def test_ingest_while_another_holds_the_catalog_is_refused(small_clean, client, 
     assert report.rows == (len(small_clean[3]), len(small_clean[3]) + 40)
 
 
-def test_two_appends_at_once_are_serialised_or_refused_never_interleaved(small_clean, shared_data, client,
+def test_two_appends_at_once_are_serialised_or_refused_never_interleaved(small_clean, sample_data, client,
                                                                           tmp_path, tally):
     """Two collections appended at the same moment: one waits its turn (refused, then rerun) or comes
     after the other; each ends whole and in its own rows, as when ingested alone."""
@@ -191,7 +191,7 @@ def test_two_appends_at_once_are_serialised_or_refused_never_interleaved(small_c
     shutil.copytree(base_url, url)
     cruises, alone = {}, {}
     for name, copies in (("cruise_a", 4), ("cruise_b", 5)):  # 36 and 45 rows: they share a shard
-        cruises[name] = _class_tree(shared_data, tmp_path / name, copies)
+        cruises[name] = _class_tree(sample_data, tmp_path / name, copies)
         alone[name] = str(tmp_path / f"{name}.zarr")
         ingest([str(cruises[name])], alone[name], shard_len=SHARD_LEN, client=client, progress=False)
     start = threading.Barrier(2)
