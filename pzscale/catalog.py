@@ -26,13 +26,15 @@ from zarr.core.sync import sync
 from pzscale import images, progress
 from pzscale.errors import CatalogError, ShardAlignmentError, one_line
 from pzscale.progress import call_with_backoff
-from pzscale.schema import BY_NAME, VARIABLE_NAMES, VARIABLES
+from pzscale.schema import BY_NAME, COORDINATES, VARIABLE_NAMES, VARIABLES
 
 DEFAULT_SHARD_LEN = 16384
-# Encoded images per inner chunk, the random-read unit: ~1.3 MB at Planktonzilla's 5 KB
-# average. 64 made the shard write twice as slow (per-chunk codec overhead) for no gain.
-BYTES_INNER_CHUNK = 256
-BYTES_READ_CHUNK = 1024  # dask chunk of image_bytes in open_catalog: cheap random access
+# Rows per Zarr chunk inside a shard, the same for every variable (xarray makes one Dask chunk of
+# each Zarr chunk, and mixed chunk lengths along one dimension break ``ds.chunks`` and dataframes).
+# It is also the random-read unit: ~20 MB of encoded images at Planktonzilla's 5 KB average, and
+# 4 Dask chunks per default shard (about 4,300 per variable for 17.4M images).
+CHUNK_LEN = 4096
+SHARD_UNIT = 256  # shard lengths above CHUNK_LEN are multiples of this
 LAYOUT_VERSION = 1
 ATTRS_KEY = "pzscale"
 DIM = "image"
@@ -108,14 +110,66 @@ def check_aligned(start: int, stop: int, n_rows: int, shard_len: int) -> None:
         )
 
 
+def chunk_len(shard_len: int) -> int:
+    """Rows per Zarr chunk for a shard length: the largest divisor of ``shard_len`` up to ``CHUNK_LEN``
+    that is a multiple of ``SHARD_UNIT`` (a small shard is one chunk)."""
+    if shard_len <= CHUNK_LEN:
+        return shard_len
+    return next(c for c in range(CHUNK_LEN, 0, -SHARD_UNIT) if shard_len % c == 0)
+
+
 def _array_kwargs(var_name: str, shard_len: int) -> dict[str, Any]:
     var = BY_NAME[var_name]
-    if var.dtype == "bytes":
-        # Encoded PNG/JPEG does not compress further; small inner chunks keep random reads cheap.
-        inner = min(BYTES_INNER_CHUNK, shard_len)
-        return dict(dtype=zarr.dtype.VariableLengthBytes(), chunks=(inner,), compressors=None)
+    chunks = (chunk_len(shard_len),)
+    if var.dtype == "bytes":  # encoded PNG/JPEG does not compress further
+        return dict(dtype=zarr.dtype.VariableLengthBytes(), chunks=chunks, compressors=None)
     dtype = str if var.dtype == "str" else var.dtype
-    return dict(dtype=dtype, fill_value=var.fill, chunks=(shard_len,))
+    return dict(dtype=dtype, fill_value=var.fill, chunks=chunks)
+
+
+def variable_attrs(var_name: str) -> dict[str, Any]:
+    """A catalog variable's attributes: description, units and, for coordinates, CF's."""
+    var = BY_NAME[var_name]
+    attrs: dict[str, Any] = {"description": var.description, **dict(var.cf)}
+    if var.units:
+        attrs["units"] = var.units
+    if var.name == "time":
+        attrs["calendar"] = "proleptic_gregorian"
+    return attrs
+
+
+def group_attrs(meta: dict[str, Any]) -> dict[str, Any]:
+    """The group attributes: CF's (a discrete-sampling "point" collection along ``image``, whose
+    coordinates are named here so that any xarray makes them coordinates) and pzscale's own record
+    as JSON text, which netCDF, Zarr and every reader store (a nested mapping fails ``to_netcdf``)."""
+    return {"Conventions": "CF-1.11", "featureType": "point", "title": "pzscale plankton image catalog",
+            "coordinates": " ".join(COORDINATES), ATTRS_KEY: json.dumps(meta, sort_keys=True)}
+
+
+def storable_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes netCDF can store: nested mappings flattened to ``key_subkey``, None left out."""
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, dict):
+            out.update({f"{key}_{k}": v for k, v in storable_attrs(value).items()})
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def consolidate(group: zarr.Group) -> None:
+    """Rewrite the consolidated metadata (every array's metadata in the root zarr.json) after a
+    client-side metadata change, so ``xr.open_zarr(url, consolidated=True)`` sees the catalog as it
+    is. pzscale itself never reads it: its own opens list the arrays (``use_consolidated=False``)."""
+    def write() -> None:
+        with warnings.catch_warnings():
+            # "not part of the v3 specification": xarray and zarr-python read it all the same
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            # the folders of done markers and plans in the private group are not Zarr nodes (and are not listed)
+            warnings.filterwarnings("ignore", message="Object at .* is not recognized", category=UserWarning)
+            zarr.consolidate_metadata(group.store, path=group.path, zarr_format=3)
+
+    call_with_backoff(write, backoff=progress.DEFAULT_BACKOFF)
 
 
 def create(
@@ -131,14 +185,14 @@ def create(
     The group attributes (layout, shard length, ``plans``) are written first and the arrays
     after, so a creation cut short is finished by ``ensure_rows`` on the next run.
     """
-    if shard_len <= 0 or (shard_len > BYTES_INNER_CHUNK and shard_len % BYTES_INNER_CHUNK):
-        raise CatalogError(f"shard length {shard_len} must be a positive multiple of {BYTES_INNER_CHUNK}")
+    if shard_len <= 0 or (shard_len > SHARD_UNIT and shard_len % SHARD_UNIT):
+        raise CatalogError(f"shard length {shard_len} must be a positive multiple of {SHARD_UNIT}")
     if exists(url, storage_options=storage_options):
         raise CatalogError(f"{url}: a catalog already exists here")
     meta = {"layout": LAYOUT_VERSION, "version": version("pzscale"), "shard_len": shard_len,
             "plans": plans or [], "stages": {}}
     group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options,
-                            attributes={ATTRS_KEY: meta})
+                            attributes=group_attrs(meta))
     ensure_rows(group, n_rows)
     return group
 
@@ -160,18 +214,14 @@ def ensure_rows(group: zarr.Group, n_rows: int) -> None:
     for var in VARIABLES:
         if var.name in present:
             continue
-        attrs = {"description": var.description}
-        if var.units:
-            attrs["units"] = var.units
-        if var.name == "time":
-            attrs["calendar"] = "proleptic_gregorian"
         present[var.name] = retried(
-            group.create_array, var.name, shape=(n_rows,), shards=(shard_len,), dimension_names=[DIM], attributes=attrs,
-            **_array_kwargs(var.name, shard_len),
+            group.create_array, var.name, shape=(n_rows,), shards=(shard_len,), dimension_names=[DIM],
+            attributes=variable_attrs(var.name), **_array_kwargs(var.name, shard_len),
         )
     for arr in present.values():
         if arr.shape[0] < n_rows:
             retried(arr.resize, (n_rows, *arr.shape[1:]))
+    consolidate(group)
 
 
 def open_group(
@@ -180,8 +230,11 @@ def open_group(
     """Open a catalog group; with ``check``, verify every array has the catalog's rows and shards."""
     if not exists(url, storage_options=storage_options):
         raise CatalogError(f"{url}: no catalog here (no zarr.json)")
-    group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options)
-    meta = group.attrs.get(ATTRS_KEY)
+    group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options, use_consolidated=False)
+    try:
+        meta = metadata(group)
+    except (KeyError, TypeError, ValueError):
+        meta = None
     if not meta or meta.get("layout") != LAYOUT_VERSION:
         raise CatalogError(f"{url}: not a pzscale catalog of layout {LAYOUT_VERSION}")
     if check:
@@ -195,7 +248,7 @@ def _checked_arrays(group: zarr.Group, where: str) -> dict[str, zarr.Array]:
     missing = [name for name in VARIABLE_NAMES if name not in arrays]
     if missing:
         raise CatalogError(f"{where}: catalog lacks arrays {missing}; rerun the ingest to finish creating it")
-    n_rows, shard_len = arrays["image_id"].shape[0], group.attrs[ATTRS_KEY]["shard_len"]
+    n_rows, shard_len = arrays["image_id"].shape[0], metadata(group)["shard_len"]
     for name, arr in arrays.items():
         if arr.shape[0] != n_rows or (arr.shards or arr.chunks)[0] != shard_len:
             raise CatalogError(
@@ -206,14 +259,23 @@ def _checked_arrays(group: zarr.Group, where: str) -> dict[str, zarr.Array]:
 
 
 def metadata(group: zarr.Group) -> dict[str, Any]:
-    return dict(group.attrs[ATTRS_KEY])
+    """pzscale's record in the group attributes (JSON text; a mapping in catalogs written before)."""
+    meta = group.attrs[ATTRS_KEY]
+    return json.loads(meta) if isinstance(meta, str) else dict(meta)
 
 
 def update_metadata(group: zarr.Group, **changes: Any) -> None:
     """Update pzscale's group attributes. Only the client calls this, never a shard task."""
     meta = metadata(group)
     meta.update(changes)
-    group.attrs[ATTRS_KEY] = meta
+    group.attrs.update(group_attrs(meta))
+    consolidate(group)
+
+
+def update_attrs(group: zarr.Group, name: str, attrs: dict[str, Any]) -> None:
+    """Add attributes to array ``name`` (client only), stored so netCDF can take them."""
+    group[name].attrs.update(storable_attrs(attrs))
+    consolidate(group)
 
 
 def record_stage(group: zarr.Group, stage: str, record: dict) -> None:
@@ -299,16 +361,17 @@ def ensure_array(
                                f"this stage writes {dtype} x {trailing}")
         if arr.shape[0] < n_rows:
             arr.resize((n_rows, *trailing))
+            consolidate(group)
         return arr
-    # inner chunks of ~1 MB for wide rows (embeddings): the random-read unit; one per shard otherwise
-    inner = shard_len if not trailing else max(1, min(shard_len, 2**20 // (int(np.prod(trailing)) * 4)))
-    while shard_len % inner:
-        inner -= 1
-    return group.create_array(
+    # the chunk length of the catalog's own variables, so every image variable has the same Dask chunks
+    inner = present["image_id"].chunks[0]
+    arr = group.create_array(
         name, shape=(n_rows, *trailing), shards=(shard_len, *trailing), chunks=(inner, *trailing),
         dtype=str if dtype == "str" else dtype, fill_value=fill, dimension_names=[DIM, *dims],
-        attributes=attrs or {},
+        attributes=storable_attrs(attrs or {}),
     )
+    consolidate(group)
+    return arr
 
 
 def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = VARIABLE_NAMES) -> dict:
@@ -444,19 +507,18 @@ def stages_done(url: str, *, storage_options: dict | None = None) -> dict[str, s
 def open_catalog(url: str, *, storage_options: dict | None = None) -> xr.Dataset:
     """Open a catalog as one lazy xarray Dataset along the ``image`` dimension.
 
-    Dask chunks equal the shard length, so ``map_blocks`` over the dataset runs one task
-    per shard; ``image_bytes`` is chunked finer so a few rows can be read cheaply.
+    Every variable has Dask chunks of one shard, so ``map_blocks`` over the dataset runs one task
+    per shard; selecting a few rows reads only the Zarr chunks that hold them. Time, lat, lon and
+    depth are coordinates; ``ds.attrs["pzscale"]`` is pzscale's record (JSON text).
     """
     group = open_group(url, storage_options=storage_options)
     shard_len = metadata(group)["shard_len"]
-    kwargs = dict(consolidated=False, storage_options=storage_options, zarr_format=3)
-    ds = xr.open_zarr(url, chunks={DIM: shard_len}, drop_variables=["image_bytes"], **kwargs)
-    encoded = xr.open_zarr(url, chunks={DIM: min(BYTES_READ_CHUNK, shard_len)}, **kwargs)
-    ds["image_bytes"] = encoded["image_bytes"]
+    ds = xr.open_zarr(url, chunks={DIM: shard_len}, consolidated=False, storage_options=storage_options,
+                      zarr_format=3)
+    coords = [name for name in COORDINATES if name in ds.data_vars]  # catalogs written before CF attributes
+    ds = ds.set_coords(coords)
     extra = sorted(set(ds.data_vars) - set(VARIABLE_NAMES))  # stage outputs: embeddings, predictions, splits
-    ds = ds[[*VARIABLE_NAMES, *extra]]
-    ds.attrs = {ATTRS_KEY: metadata(group)}
-    return ds
+    return ds[[name for name in (*VARIABLE_NAMES, *extra) if name in ds.data_vars]]
 
 
 def read_images(

@@ -39,7 +39,7 @@ from pzscale import grids
 from pzscale.errors import CatalogError, InputError
 from pzscale.grids import JoinOptions
 from pzscale.schema import env_names
-from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, retry, run_stage
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, run_stage
 
 POINT_COLUMNS = ("lat", "lon", "depth_min", "depth_max", "time")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -122,13 +122,13 @@ def env(
                     "recompute it with these")
     for name, desc in described.items():
         n = names(name)
-        value = cat.ensure_array(n["value"], dtype="float32", fill=np.nan)
-        retry(value.attrs.update, {**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
-                                                          "(NaN unless the QC is ok or land_filled)"})
-        qc = cat.ensure_array(n["qc"], dtype="str", fill="")
-        retry(qc.attrs.update, {"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
-                                "flag_values": list(grids.QC_VALUES), "grid": desc["grid"],
-                                "variable": desc["variable"]})
+        cat.ensure_array(n["value"], dtype="float32", fill=np.nan)
+        cat.update_attrs(n["value"], {**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
+                                                             "(NaN unless the QC is ok or land_filled)"})
+        cat.ensure_array(n["qc"], dtype="str", fill="")
+        cat.update_attrs(n["qc"], {"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
+                                   "flag_values": list(grids.QC_VALUES), "grid": desc["grid"],
+                                   "variable": desc["variable"]})
         cat.record_stage(n["stage"], {**records[name], "params": hashes[name]})
     resolved = {name: record["variable"] for name, record in records.items()}
     params = {"grid": grid, "grid_storage_options": grid_storage_options,

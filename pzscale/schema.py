@@ -24,6 +24,8 @@ class Variable:
     fill: object
     description: str
     units: str | None = None
+    # CF attributes (standard_name, long_name, axis, positive) of the coordinates any CF tool looks for
+    cf: tuple[tuple[str, str], ...] = ()
 
 
 def _s(name: str, description: str) -> Variable:
@@ -48,11 +50,17 @@ VARIABLES: tuple[Variable, ...] = (
     _s("ecotaxa_id", "EcoTaxa taxon id(s), ';'-joined"),
     _s("ncbi_id", "NCBI taxonomy id"),
     _s("bold_id", "BOLD id"),
-    Variable("lat", "float64", np.nan, "latitude of the sample", "degrees_north"),
-    Variable("lon", "float64", np.nan, "longitude of the sample", "degrees_east"),
-    Variable("depth_min", "float32", np.nan, "shallowest depth sampled", "m"),
-    Variable("depth_max", "float32", np.nan, "deepest depth sampled", "m"),
-    Variable("time", "int64", TIME_FILL, "sampling time, UTC", TIME_UNITS),
+    Variable("lat", "float64", np.nan, "latitude of the sample", "degrees_north",
+             (("standard_name", "latitude"), ("long_name", "latitude of the sample"), ("axis", "Y"))),
+    Variable("lon", "float64", np.nan, "longitude of the sample", "degrees_east",
+             (("standard_name", "longitude"), ("long_name", "longitude of the sample"), ("axis", "X"))),
+    Variable("depth_min", "float32", np.nan, "shallowest depth sampled", "m",
+             (("standard_name", "depth"), ("long_name", "shallowest depth sampled"), ("axis", "Z"),
+              ("positive", "down"))),
+    Variable("depth_max", "float32", np.nan, "deepest depth sampled", "m",
+             (("standard_name", "depth"), ("long_name", "deepest depth sampled"), ("positive", "down"))),
+    Variable("time", "int64", TIME_FILL, "sampling time, UTC", TIME_UNITS,
+             (("standard_name", "time"), ("long_name", "sampling time, UTC"), ("axis", "T"))),
     Variable(
         "instrument_temperature", "float32", np.nan,
         "instrument housing temperature (not seawater)", "degree_Celsius",
@@ -74,6 +82,8 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 VARIABLE_NAMES = tuple(v.name for v in VARIABLES)
+# CF auxiliary coordinates of every image (a CF "point" feature type along the image dimension)
+COORDINATES = tuple(v.name for v in VARIABLES if v.cf)
 BY_NAME = {v.name: v for v in VARIABLES}
 
 # Planktonzilla-17M parquet schema (planktonzilla constants.CONSOLIDATED_COLUMNS).

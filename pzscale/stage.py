@@ -105,6 +105,10 @@ class Catalog:
         """Create a stage's output array sharded like the others, or check it (client only)."""
         return retry(store.ensure_array, self.group("r+"), name, **kwargs)
 
+    def update_attrs(self, name: str, attrs: dict) -> None:
+        """Add attributes to array ``name`` (client only; nested mappings are flattened for netCDF)."""
+        retry(store.update_attrs, self.group("r+"), name, attrs)
+
     def record_stage(self, stage: str, record: dict) -> None:
         """Record a stage's parameters in the group attributes (client only)."""
         retry(store.record_stage, self.group("r+"), stage, record)

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,7 @@ import pytest
 
 from pzscale import catalog
 from pzscale.errors import CatalogError, ShardAlignmentError
-from pzscale.schema import BY_NAME, VARIABLE_NAMES
+from pzscale.schema import BY_NAME, COORDINATES, VARIABLE_NAMES
 from pzscale.synth import encode
 
 
@@ -45,7 +45,9 @@ def test_create_write_read_roundtrip(tmp_path):
     with pytest.raises(ShardAlignmentError):
         catalog.write_rows(group, 10, 64, {k: v[10:64] for k, v in cols.items()})
     ds = catalog.open_catalog(url)
-    assert list(ds.data_vars) == list(VARIABLE_NAMES) and ds.sizes["image"] == 150
+    assert list(ds.data_vars) == [n for n in VARIABLE_NAMES if n not in COORDINATES]
+    assert set(ds.coords) == set(COORDINATES)
+    assert ds.sizes["image"] == 150
     assert ds["image_id"].chunks[0] == (64, 64, 22)
     assert ds["image_id"].values[149] == "image_id-0-149"
     rows = [149, 0, 70, 70]
