@@ -4,18 +4,42 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from pzscale import catalog, info
-from pzscale.errors import PzscaleError
+from pzscale.errors import PzscaleError, one_line
+
+log = logging.getLogger("pzscale")
+
+# the extra that installs each optional package (a missing one is named with the command to run)
+_EXTRAS = {"sklearn": "ml", "torch": "ml", "torchvision": "ml", "kornia": "ml", "open_clip": "ml", "timm": "ml",
+           "safetensors": "ml", "s3fs": "s3", "cartopy": "maps", "dask_kubernetes": "k8s", "dask_gateway": "k8s",
+           "dask_cuda": "gpu"}
+
+
+def _one_line(error: BaseException) -> str:
+    """What went wrong and what to do, on one line, for the errors a person can act on."""
+    if isinstance(error, PzscaleError):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError):
+        module = (error.name or "").split(".")[0]
+        extra = _EXTRAS.get(module)
+        fix = f"pip install 'pzscale[{extra}]'" if extra else f"pip install {module}"
+        return f"this command needs the Python package {module!r}, which is not installed: {fix}"
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror or one_line(error)}"
+    return f"{type(error).__name__}: {one_line(error)} (run with -v for the traceback)"
 
 
 class _App(typer.Typer):
-    """Typer whose commands all end a PzscaleError the same way: one line on stderr, exit status 1."""
+    """Typer whose commands all end an error the same way: one line on stderr naming what is wrong,
+    exit status 1 (with ``-v``, unexpected errors keep their traceback)."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
         register = super().command(*args, **kwargs)
@@ -25,8 +49,14 @@ class _App(typer.Typer):
             def one_line_errors(*a: Any, **k: Any) -> Any:
                 try:
                     return fn(*a, **k)
-                except PzscaleError as e:
-                    typer.echo(f"error: {e}", err=True)
+                except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+                    raise  # usage errors (exit status 2) and exits are click's to report
+                except Exception as e:
+                    known = isinstance(e, PzscaleError | ModuleNotFoundError) or (
+                        isinstance(e, OSError) and e.filename)
+                    if not known and log.isEnabledFor(logging.DEBUG):
+                        raise
+                    typer.echo(f"error: {_one_line(e)}", err=True)
                     raise typer.Exit(1) from None
 
             return register(one_line_errors)
@@ -34,14 +64,45 @@ class _App(typer.Typer):
         return decorator
 
 
-app = _App(add_completion=False, no_args_is_help=True,
-           help="Plankton image catalogs at Planktonzilla-17M scale, on Dask.")
+app = _App(add_completion=False, no_args_is_help=True)  # its help is main's docstring
 
-CatalogOpt = Annotated[str, typer.Option("--catalog", "-c", help="catalog URL: a path or s3://bucket/x.zarr")]
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pzscale {version('pzscale')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="more log lines (-v: debug, -vv: Dask's too)")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only, no progress")] = False,
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False,
+) -> None:
+    """Plankton image catalogs at Planktonzilla-17M scale, on Dask.
+
+    Defaults from the environment: PZSCALE_CATALOG (--catalog), PZSCALE_STORAGE_OPTIONS
+    (--storage-options), DASK_SCHEDULER_ADDRESS (--scheduler). Progress is a bar on a terminal and a
+    log line every PZSCALE_PROGRESS_SECONDS (30) elsewhere.
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.getLogger("distributed").setLevel(logging.INFO if verbose > 1 else logging.WARNING)
+
+
+CatalogOpt = Annotated[str, typer.Option("--catalog", "-c", envvar="PZSCALE_CATALOG",
+                                         help="catalog URL: a path or s3://bucket/x.zarr")]
 StorageOpt = Annotated[str | None, typer.Option(
-    "--storage-options", help="fsspec storage options as JSON (credentials: use the environment)")]
+    "--storage-options", envvar="PZSCALE_STORAGE_OPTIONS",
+    help="fsspec storage options as JSON (credentials: use the environment)")]
 SchedulerOpt = Annotated[str | None, typer.Option(
-    "--scheduler", help="address of a running Dask scheduler; default: a local cluster")]
+    "--scheduler", help="address of a running Dask scheduler; default: DASK_SCHEDULER_ADDRESS, else a local cluster")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="local worker processes (default: cores)")]
 
 
@@ -99,12 +160,11 @@ def ingest(
     storage_options: StorageOpt = None,
 ) -> None:
     """Ingest images and their metadata into a catalog (resumable: rerun to continue)."""
-    from pzscale.cluster import connect
     from pzscale.ingest import ingest as run
 
     so = _storage_options(storage_options)
-    catalog.check_url(catalog_url)
-    with connect(scheduler, n_workers=workers) as client:
+    _check(catalog_url, so, sources=sources, new_catalog=not append)
+    with _client(scheduler, workers) as client:
         report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
                      taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
                      storage_options=so)
@@ -159,9 +219,40 @@ PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16/fp16 under autoca
 
 
 def _client(scheduler: str | None, workers: int | None):
-    from pzscale.cluster import connect
+    """The Dask client of a command, started after its arguments are checked (``_check``)."""
+    from pzscale.cluster import connect, describe
 
-    return connect(scheduler, n_workers=workers)
+    client = connect(scheduler, n_workers=workers, quiet=True)
+    log.info(describe(client))
+    return client
+
+
+def _check(catalog_url: str | None = None, storage_options: dict | None = None, *, model: str | None = None,
+           sources: list[str] | None = None, new_catalog: bool = False,
+           grid: tuple[str, list[str], dict | None] | None = None) -> None:
+    """The checks that take no cluster, made before one starts: a usage error costs no cluster start-up."""
+    import fsspec
+
+    if catalog_url is not None:
+        catalog.check_url(catalog_url)
+        if not new_catalog and not catalog.exists(catalog_url, storage_options=storage_options):
+            raise PzscaleError(f"{catalog_url}: no catalog here (no zarr.json); create one with `pzscale ingest`")
+    if model is not None:
+        from pzscale.ml.models import ModelCard
+
+        ModelCard.load(model)
+    for source in sources or ():
+        fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+        if not fs.exists(path):
+            raise PzscaleError(f"{source}: no such file or folder")
+    if grid is not None:
+        from pzscale import grids
+        from pzscale.env import parse_variables
+
+        path, variables, grid_so = grid
+        with grids.opened(path, storage_options=grid_so) as ds:
+            for var in parse_variables(variables).values():
+                grids.resolve_variable(ds, var, where=grids.redact(path))
 
 
 @app.command()
@@ -225,9 +316,11 @@ def embed(
     """Store float16 image embeddings of a model in the catalog (resumable, incremental)."""
     from pzscale.embed import embed as run
 
+    so = _storage_options(storage_options)
+    _check(catalog_url, so, model=model)
     with _client(scheduler, workers) as client:
         report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta, precision=precision,
-                     storage_options=_storage_options(storage_options))
+                     storage_options=so)
     typer.echo(str(report))
 
 
@@ -246,9 +339,11 @@ def classify(
     """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
     from pzscale.classify import classify as run
 
+    so = _storage_options(storage_options)
+    _check(catalog_url, so, model=model)
     with _client(scheduler, workers) as client:
         report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
-                     precision=precision, storage_options=_storage_options(storage_options))
+                     precision=precision, storage_options=so)
     typer.echo(str(report))
 
 
@@ -299,9 +394,11 @@ def dedup_cmd(
 
     options = {k: v for k, v in (("near_threshold", threshold), ("near_similarity", similarity), ("eps", eps))
                if v is not None}
+    so = _storage_options(storage_options)
+    _check(catalog_url, so)
     with _client(scheduler, workers) as client:
         report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,
-                             client=client, storage_options=_storage_options(storage_options), **options)
+                             client=client, storage_options=so, **options)
     typer.echo(str(report))
 
 
@@ -370,7 +467,7 @@ def env_cmd(
                           depth_tolerance=depth_tolerance, time=time_mode,
                           time_tolerance_days=time_tolerance_days, land_fill_km=land_fill_km, celsius=not kelvin)
     so, grid_so = _storage_options(storage_options), _storage_options(grid_storage_options)
-    catalog.check_url(catalog_url)
+    _check(catalog_url, so, grid=(grid, var, grid_so))
     with _client(scheduler, workers) as client:
         report = run(catalog_url, grid, var, options=options, client=client, storage_options=so,
                      grid_storage_options=grid_so, overwrite=overwrite)
@@ -397,6 +494,7 @@ def abundance_cmd(
     from pzscale.abundance import plot_map
 
     so = _storage_options(storage_options)
+    _check(catalog_url, so)
     with _client(scheduler, workers):  # --out on object storage uses the catalog's storage options
         ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
                  out=out, storage_options=so, out_storage_options=so)
@@ -425,6 +523,7 @@ def export_dwc_cmd(
     from pzscale.dwc import export_dwc
 
     so = _storage_options(storage_options)
+    _check(catalog_url, so)
     with _client(scheduler, workers):
         result = export_dwc(catalog_url, out, model=model, min_prob=min_prob, storage_options=so,
                             out_storage_options=so)
@@ -462,10 +561,12 @@ def compare_cmd(
     from pzscale.split import PAPER_UNSEEN_SOURCES
 
     sources = [*(unseen or ()), *(PAPER_UNSEEN_SOURCES if paper_split else ())]
+    so = _storage_options(storage_options)
+    _check(catalog_url, so)
     with _client(scheduler, workers) as client:
         run(catalog_url, out, models=model or (), train_objectives=train_objective or (),
             unseen_sources=sources if sources else None, dedup=dedup, split_seed=seed, epochs=epochs,
-            batch_size=batch_size, client=client, storage_options=_storage_options(storage_options),
+            batch_size=batch_size, client=client, storage_options=so,
             log=typer.echo)
     typer.echo(f"wrote {out / 'compare.csv'}, {out / 'compare.json'} and {out / 'compare_f1_by_rank.png'}")
 
@@ -474,7 +575,8 @@ def compare_cmd(
 
 
 @app.command("info")
-def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL")], storage_options: StorageOpt = None,
+def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL", envvar="PZSCALE_CATALOG")],
+             storage_options: StorageOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Rows, sources, label coverage, status counts and stages done per shard."""
     summary = info.summarize(url, storage_options=_storage_options(storage_options))

@@ -59,7 +59,10 @@ def connect(
 
     ``address`` is a scheduler address (``tcp://host:8786``, ``tls://...``) or a kind:
 
-    - ``None`` or ``"local"``: a LocalCluster of worker *processes*, ``n_workers`` (default one
+    - ``None``: the scheduler named by Dask's ``scheduler-address`` config (the
+      ``DASK_SCHEDULER_ADDRESS`` environment variable, as the Dask Helm chart and JupyterHub set it),
+      else a local cluster.
+    - ``"local"``: a LocalCluster of worker *processes*, ``n_workers`` (default one
       per core) of one thread each: decoding and encoding images holds the GIL, so threads
       would not scale. The dashboard listens on 127.0.0.1 only.
     - ``"local-cuda"`` (or ``cuda=True``): a dask-cuda LocalCUDACluster, one worker per GPU,
@@ -78,10 +81,15 @@ def connect(
     allocator settings; ``{}`` for Dask's own); other kinds take their environment from their
     manifests.
     """
+    import dask
+
+    if address is None and not cuda:
+        address = dask.config.get("scheduler-address", None)
     kind = "local-cuda" if cuda and address in (None, "local") else (address or "local")
     if kind == "local":
-        # The client owns the LocalCluster it starts here, so closing the client stops it.
-        with worker_environment(worker_env):
+        # The client owns the LocalCluster it starts here, so closing the client stops it; the
+        # config is cleared for the call, or Client would connect to it and refuse the cluster arguments.
+        with worker_environment(worker_env), dask.config.set({"scheduler-address": None}):
             client = Client(
                 n_workers=n_workers or os.cpu_count() or 1,
                 threads_per_worker=threads_per_worker,
@@ -104,9 +112,14 @@ def connect(
         raise PzscaleError(f"unknown cluster {kind!r}: use one of {', '.join(KINDS)} or a scheduler address "
                            "(tcp://host:8786)")
     if not quiet:
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        print(f"dask: {workers} worker(s), dashboard {client.dashboard_link}")
+        print(describe(client))
     return client
+
+
+def describe(client: Client) -> str:
+    """``dask: N worker(s), dashboard <link>``: what a person needs to watch the run."""
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    return f"dask: {workers} worker(s), dashboard {client.dashboard_link}"
 
 
 @contextlib.contextmanager

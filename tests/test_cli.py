@@ -80,3 +80,33 @@ def test_readers_lists_builtin_formats():
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()] == [
         "parquet", "ifcb", "ecotaxa", "webdataset", "folder"]
+
+
+def test_version_and_environment_defaults(tmp_path):
+    from importlib.metadata import version
+
+    assert runner.invoke(app, ["--version"]).output == f"pzscale {version('pzscale')}\n"
+    url = str(tmp_path / "cat.zarr")
+    from pzscale import catalog
+
+    catalog.create(url, n_rows=10, shard_len=256)
+    result = runner.invoke(app, ["info", "--json"], env={"PZSCALE_CATALOG": url})
+    assert result.exit_code == 0 and json.loads(result.output)["rows"] == 10
+    result = runner.invoke(app, ["info", url], env={"PZSCALE_STORAGE_OPTIONS": "[1]"})
+    assert result.exit_code == 2 and "must be a JSON object" in result.output
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    from pzscale import catalog
+
+    url = str(tmp_path / "cat.zarr")
+    catalog.create(url, n_rows=10, shard_len=256)
+    hide_sklearn = "import sys; sys.modules['sklearn'] = None; from pzscale.cli import app; app(prog_name='pzscale')"
+    result = subprocess.run([sys.executable, "-c", hide_sklearn, "split", "-c", url], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == ("error: this command needs the Python package 'sklearn', which is not installed: "
+                             "pip install 'pzscale[ml]'\n")
