@@ -133,9 +133,11 @@ def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, 
 def test_bad_variables_and_grids_fail_before_any_write(client, catalog_copy, grid, sample_data):
     with pytest.raises(InputError, match="no variable 'chlor'"):
         env(catalog_copy, grid, ["chlor"], client=client, progress=False)
-    with pytest.raises(InputError, match="curvilinear"):
-        env(catalog_copy, str(sample_data / "iris-sample-data/NEMO/nemo_1m_20150101-20150201_grid-T.nc"), ["sst"],
-            client=client, progress=False)
+    with pytest.raises(InputError, match="dimension 'N_PROF' .* is not lat, lon, depth or time"):
+        env(catalog_copy, str(sample_data / "tidync/MD5903593_001.nc"), ["thetao"], client=client,  # Argo profiles
+            progress=False)
+    with pytest.raises(InputError, match=r"SOURCE\.txt: not a NetCDF or Zarr grid"):
+        env(catalog_copy, str(sample_data / "tidync/SOURCE.txt"), ["sst"], client=client, progress=False)
     with pytest.raises(InputError, match="bad variable spec"):
         parse_variables(["2x=sst"])
     assert not any(str(name).startswith("env_") for name, _ in catalog.open_group(catalog_copy).arrays())

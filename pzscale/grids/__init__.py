@@ -1,10 +1,12 @@
 """Ocean grids for the environmental join, in four parts: ``naming`` opens NetCDF or Zarr grids
 (``open_grid``, ``opened``) and names their variable (``VARIABLE_MAP``, ``resolve_variable``) and
-axes (``detect_axes``) by CF conventions; ``axes`` holds the time axis (``TimeAxis``, cftime
-calendars) and the nearest-lookup kernels (``Axis``, ``LonAxis``, ``regular_step``,
-``nearest_sorted``, sphere geometry); ``join`` is the join engine (``JoinOptions``, ``Grid``,
-``join_variables``, the per-process box cache ``_BOXES``, ``QC_VALUES``); ``synthetic`` writes a
-small global grid with known values (``synthetic_grid``, ``synthetic_field``) for demos and tests.
+axes (``find_axes``, ``detect_axes``, ``GridAxes``, ``vertical_metres``) the CF way: attributes,
+then cf_xarray's criteria, then a table of names; ``axes`` holds the time axis (``TimeAxis``,
+cftime calendars) and the nearest-lookup kernels (``Axis``, ``LonAxis``, ``regular_step``,
+``nearest_sorted`` for regular grids, the KD-tree ``CellTree`` for curvilinear ones, sphere
+geometry); ``join`` is the join engine (``JoinOptions``, ``Grid``, ``join_variables``, the
+per-process caches of boxes ``_BOXES`` and trees ``_TREES``, ``QC_VALUES``); ``synthetic`` writes
+a small global grid with known values (``synthetic_grid``, ``synthetic_field``) for demos and tests.
 Every name below is re-exported so that ``from pzscale import grids; grids.X`` keeps working.
 """
 
@@ -12,10 +14,12 @@ from pzscale.grids.axes import (
     EARTH_RADIUS_KM,
     MS_PER_DAY,
     Axis,
+    CellTree,
     LonAxis,
     TimeAxis,
     as_time_ms,
     chord_of_km,
+    km_of_chord,
     months_of,
     nearest_sorted,
     regular_step,
@@ -23,6 +27,7 @@ from pzscale.grids.axes import (
 )
 from pzscale.grids.join import (
     _BOXES,
+    _TREES,
     QC_LAND_FILLED,
     QC_NO_DATA,
     QC_NO_POSITION,
@@ -38,11 +43,14 @@ from pzscale.grids.naming import (
     AXIS_ORDER,
     KELVIN_UNITS,
     VARIABLE_MAP,
+    GridAxes,
     detect_axes,
+    find_axes,
     open_grid,
     opened,
     redact,
     resolve_variable,
+    vertical_metres,
 )
 from pzscale.grids.synthetic import SYNTHETIC_LAND, synthetic_field, synthetic_grid
 
@@ -60,8 +68,11 @@ __all__ = [
     "SYNTHETIC_LAND",
     "VARIABLE_MAP",
     "_BOXES",
+    "_TREES",
     "Axis",
+    "CellTree",
     "Grid",
+    "GridAxes",
     "JoinOptions",
     "LonAxis",
     "TimeAxis",
@@ -69,7 +80,9 @@ __all__ = [
     "chord_of_km",
     "detect_axes",
     "file_identity",
+    "find_axes",
     "join_variables",
+    "km_of_chord",
     "months_of",
     "nearest_sorted",
     "open_grid",
@@ -80,4 +93,5 @@ __all__ = [
     "synthetic_field",
     "synthetic_grid",
     "unit_vectors",
+    "vertical_metres",
 ]

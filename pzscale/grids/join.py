@@ -1,16 +1,19 @@
 """The environmental join: ``Grid.join``, the vectorised nearest-cell lookup of points in one variable.
 
-Per-dimension tolerances, depth as the nearest level or the mean over a depth range, time as the
-nearest step or the month of year, land (NaN) cells optionally replaced by the nearest valid cell
-within a radius (``scipy.spatial.cKDTree`` on the unit sphere). Only the box of the grid the
+On a regular grid the nearest latitude and longitude, each within its tolerance; on a curvilinear
+grid (2-D latitude/longitude) the nearest cell centre on the sphere (``CellTree``, built once per
+grid file and worker process, ``_TREES``), a point farther than that cell's diagonal being off the
+grid. Depth as the nearest level or the mean over a depth range, time as the nearest step or the
+month of year, land (NaN) cells optionally replaced by the nearest valid cell within a radius
+(``scipy.spatial.cKDTree`` on the unit sphere, on either kind of grid). Only the box of the grid the
 points need is read, a few time steps at a time, so memory stays bounded; a worker process keeps
 recently read boxes (``_BOXES``, ``PZSCALE_GRID_CACHE_BYTES``, default 512 MiB) keyed by the grid
 file's identity (``file_identity``), so shards whose points span the globe do not each decompress
 the whole grid again. ``join_variables`` joins several variables of one file.
 
-Every point gets a QC flag (``QC_VALUES``): ok, out_of_range (outside a tolerance), land_filled,
-no_data (the cell is NaN and no fill was asked or found), no_position (lat/lon, or the time or
-depth the grid needs, unknown).
+Every point gets a QC flag (``QC_VALUES``): ok, out_of_range (outside a tolerance, or off a
+curvilinear grid's footprint), land_filled, no_data (the cell is NaN and no fill was asked or
+found), no_position (lat/lon, or the time or depth the grid needs, unknown).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import xarray as xr
 from scipy.spatial import cKDTree
 
 from pzscale.errors import InputError
-from pzscale.grids.axes import Axis, LonAxis, TimeAxis, as_time_ms, chord_of_km, months_of, unit_vectors
-from pzscale.grids.naming import AXIS_ORDER, KELVIN_UNITS, detect_axes, opened, redact, resolve_variable
+from pzscale.grids.axes import Axis, CellTree, LonAxis, TimeAxis, as_time_ms, chord_of_km, months_of, unit_vectors
+from pzscale.grids.naming import KELVIN_UNITS, find_axes, opened, redact, resolve_variable, vertical_metres
 from pzscale.schema import TIME_FILL
 
 QC_OK, QC_OUT_OF_RANGE, QC_LAND_FILLED, QC_NO_DATA, QC_NO_POSITION = range(5)
@@ -41,7 +44,11 @@ QC_VALUES = ("ok", "out_of_range", "land_filled", "no_data", "no_position")
 @dataclass(frozen=True)
 class JoinOptions:
     """How points meet cells. ``None`` tolerances default to one grid step (lat, lon, time) or
-    the largest spacing between depth levels; ``land_fill_km`` switches the land fill on."""
+    the largest spacing between depth levels; ``land_fill_km`` switches the land fill on.
+
+    On a curvilinear grid a point is on the grid within its nearest cell's diagonal of that cell's
+    centre; a lat or lon tolerance given replaces that rule by the difference in latitude or
+    longitude between the point and the centre."""
 
     lat_tolerance: float | None = None  # degrees
     lon_tolerance: float | None = None  # degrees
@@ -73,7 +80,7 @@ class JoinOptions:
 class _Lookup:
     """Per-point grid indices (original order) for each active axis, and the QC so far."""
 
-    index: dict[str, np.ndarray]
+    index: dict[str, np.ndarray]  # time, depth, and y, x: the lat and lon index on a regular grid
     depth_range: tuple[np.ndarray, np.ndarray] | None  # sorted-level positions [k0, k1] for depth="mean"
     qc: np.ndarray
 
@@ -90,12 +97,14 @@ class Grid:
         self.source = redact(source)
         self._cache_key = identity  # boxes read are cached per process only for a grid with an identity
         where = f"{self.source or 'grid'}: {da.name}"
-        axes = detect_axes(da, where=where)
+        self._where = where
+        found = find_axes(da, where=where)
+        axes = dict(found.dims)
         drop = {d: 0 for d in map(str, da.dims) if d not in axes.values()}  # length-1 extras (zlev, ...)
         self.time: TimeAxis | None = None
         self.time_mode = "none"
         if "time" in axes:
-            coord = dict(da.coords.items()).get(axes["time"])
+            coord = da.coords[found.coords["time"]] if "time" in found.coords else None
             if da.sizes[axes["time"]] == 1 and self.options.time == "auto":
                 drop[axes.pop("time")] = 0  # one step (a snapshot, a scalar date): valid at any time
             else:
@@ -112,15 +121,24 @@ class Grid:
         if "depth" in axes and da.sizes[axes["depth"]] == 1:
             drop[axes.pop("depth")] = 0  # one level: a surface (or single-layer) product
         self.time_axis = Axis.of("time", self.time.values) if self.time is not None else None
-        self.da = da.isel(drop).transpose(*[axes[a] for a in AXIS_ORDER if a in axes])
+        self.curvilinear = found.curvilinear
+        horizontal = ("y", "x") if self.curvilinear else ("lat", "lon")
+        self.da = da.isel(drop).transpose(*[axes[a] for a in ("time", "depth", *horizontal) if a in axes])
         self.axes = axes
+        self.coords = found.coords  # axis -> the coordinate holding its values
         self.name = str(da.name)
-        self.lat = Axis.of(axes["lat"], da.coords[axes["lat"]].values)
-        self.lon = LonAxis.of(axes["lon"], da.coords[axes["lon"]].values)
+        self.lat: Axis | None = None
+        self.lon: LonAxis | None = None
+        self._tree: CellTree | None = None  # built at the first lookup (``describe`` needs none)
+        if not self.curvilinear:
+            self.lat = Axis.of(axes["lat"], da.coords[found.coords["lat"]].values)
+            self.lon = LonAxis.of(axes["lon"], da.coords[found.coords["lon"]].values)
         self.depth: Axis | None = None
         if "depth" in axes:
-            coord = da.coords[axes["depth"]]
-            levels = np.asarray(coord.values, dtype=np.float64)
+            if "depth" not in found.coords:
+                raise InputError(f"{where}: depth dimension {axes['depth']!r} has no coordinate")
+            coord = da.coords[found.coords["depth"]]
+            levels = np.asarray(coord.values, dtype=np.float64) * vertical_metres(coord, where=where)
             if str(coord.attrs.get("positive", "")).lower() == "up" or (levels.max() <= 0 and levels.min() < 0):
                 levels = -levels  # heights: depth is positive down
             self.depth = Axis.of(axes["depth"], levels)
@@ -141,8 +159,12 @@ class Grid:
 
     def tolerances(self) -> dict[str, float]:
         o = self.options
-        tol = {"lat": o.lat_tolerance if o.lat_tolerance is not None else self.lat.step,
-               "lon": o.lon_tolerance if o.lon_tolerance is not None else self.lon.step}
+        if self.curvilinear:
+            given = {"lat": o.lat_tolerance, "lon": o.lon_tolerance}
+            tol = {k: v for k, v in given.items() if v is not None} or {"cell_diagonals": 1.0}
+        else:
+            tol = {"lat": o.lat_tolerance if o.lat_tolerance is not None else self.lat.step,
+                   "lon": o.lon_tolerance if o.lon_tolerance is not None else self.lon.step}
         if self.depth is not None:
             spacing = float(np.diff(self.depth.values).max()) if len(self.depth.values) > 1 else math.inf
             tol["depth"] = o.depth_tolerance if o.depth_tolerance is not None else spacing
@@ -162,10 +184,12 @@ class Grid:
                  if self.options.depth == "mean" else "level nearest the middle of [depth_min, depth_max]")
         time = {"none": "none (no time axis, or a single step valid at any time)",
                 "month": "month of year (climatology)", "nearest": "nearest step"}[self.time_mode]
+        method = ("nearest cell centre on the sphere (curvilinear grid), within the cell's diagonal"
+                  if self.curvilinear else "nearest cell (longitude on the circle)")
         return {"grid": self.source, "variable": self.name, "units": self.units, "source_units": self.source_units,
                 "standard_name": str(self.da.attrs.get("standard_name", "")),
                 "long_name": str(self.da.attrs.get("long_name", "")),
-                "method": "nearest cell (longitude on the circle)", "depth_method": depth, "time_method": time,
+                "method": method, "depth_method": depth, "time_method": time,
                 "tolerances": self.tolerances(), "land_fill_km": self.options.land_fill_km,
                 "qc_values": list(QC_VALUES)}
 
@@ -182,9 +206,12 @@ class Grid:
             known &= has_depth
         qc = np.where(known, QC_OK, QC_NO_POSITION).astype(np.int8)
         index: dict[str, np.ndarray] = {}
-        index["lat"], ok = self.lat.nearest(lat, tol["lat"])
-        index["lon"], ok_lon = self.lon.nearest(lon, tol["lon"])
-        ok &= ok_lon
+        if self.curvilinear:
+            index["y"], index["x"], ok = self._nearest_cells(lat, lon)
+        else:
+            index["y"], ok = self.lat.nearest(lat, tol["lat"])
+            index["x"], ok_lon = self.lon.nearest(lon, tol["lon"])
+            ok &= ok_lon
         if self.time is not None:
             if self.time_mode == "month":
                 by_month = np.full(13, -1, np.int64)
@@ -215,6 +242,43 @@ class Grid:
             ok &= ok_depth
         qc[known & ~ok] = QC_OUT_OF_RANGE
         return _Lookup(index, depth_range, qc)
+
+    def cell_tree(self) -> CellTree:
+        """The curvilinear grid's KD-tree: this process's copy for the same file, else built now."""
+        if self._tree is None:
+            names = (self.coords["lat"], self.coords["lon"])
+            key = None if self._cache_key is None else (*self._cache_key, *names)
+            self._tree = _TREES.get_or_build(key, lambda: self._build_tree(*names))
+        return self._tree
+
+    def _build_tree(self, lat_name: str, lon_name: str) -> CellTree:
+        try:
+            return CellTree.of(self.da.coords[lat_name].values, self.da.coords[lon_name].values)
+        except ValueError as e:
+            raise InputError(f"{self._where}: {e}") from None
+
+    def _nearest_cells(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row, column and whether on the grid, for each point (NaN or beyond a pole: row 0, off)."""
+        n = len(lat)
+        rows, cols, ok = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
+        on = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0)
+        if not on.any():
+            return rows, cols, ok
+        tree = self.cell_tree()
+        flat, chord, reach = tree.nearest(lat[on], lon[on])
+        o = self.options
+        if o.lat_tolerance is None and o.lon_tolerance is None:
+            good = chord <= reach
+        else:
+            centre_lat, centre_lon = tree.centres(flat)
+            good = np.ones(len(flat), bool)
+            if o.lat_tolerance is not None:
+                good &= np.abs(lat[on] - centre_lat) <= o.lat_tolerance
+            if o.lon_tolerance is not None:
+                good &= np.abs((lon[on] - centre_lon + 180.0) % 360.0 - 180.0) <= o.lon_tolerance
+        rows[on], cols[on] = np.divmod(flat, tree.shape[1])
+        ok[on] = good
+        return rows, cols, ok
 
     def join(self, lat: Any, lon: Any, *, depth_min: Any = None, depth_max: Any = None,
              time: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -288,15 +352,19 @@ class Grid:
                 lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx = {k: v[batch] for k, v in found.index.items()}
         fill_km = self.options.land_fill_km
-        margin_lat = margin_lon = 0
-        if fill_km:
-            margin_lat = math.ceil(fill_km / (111.2 * self.lat.step)) + 1
-            coslat = max(math.cos(math.radians(min(89.0, float(np.abs(lat).max())))), 0.02)
-            margin_lon = math.ceil(fill_km / (111.2 * self.lon.step * coslat)) + 1
         select: dict[str, Any] = {}
         local: dict[str, np.ndarray] = {}
-        select[self.axes["lat"]], local["lat"] = self._window(self.lat, idx["lat"], margin_lat)
-        select[self.axes["lon"]], local["lon"] = self._window(self.lon, idx["lon"], margin_lon)
+        if self.curvilinear:  # the rows and columns the points need; a fill reads a wider one (_curvilinear_fill_box)
+            select[self.axes["y"]], local["y"] = _span(idx["y"])
+            select[self.axes["x"]], local["x"] = _span(idx["x"])
+        else:
+            margin_lat = margin_lon = 0
+            if fill_km:
+                margin_lat = math.ceil(fill_km / (111.2 * self.lat.step)) + 1
+                coslat = max(math.cos(math.radians(min(89.0, float(np.abs(lat).max())))), 0.02)
+                margin_lon = math.ceil(fill_km / (111.2 * self.lon.step * coslat)) + 1
+            select[self.axes["lat"]], local["y"] = self._window(self.lat, idx["y"], margin_lat)
+            select[self.axes["lon"]], local["x"] = self._window(self.lon, idx["x"], margin_lon)
         if "time" in idx:
             select[self.axes["time"]], local["time"] = _steps(idx["time"])
         k_range = None
@@ -309,13 +377,9 @@ class Grid:
                 k_range = (k0 - first, k1 - first)
             else:
                 select[self.axes["depth"]], local["depth"] = _steps(idx["depth"])
-        block = self._read(select)  # native dtype: only the gathered values become float64
+        block = self._block(select)  # native dtype: only the gathered values become float64
         time_pos = local.get("time", np.zeros(len(batch), np.int64))
-        if self.time is None:
-            block = block[np.newaxis]
-        if self.depth is None:
-            block = block[:, np.newaxis]
-            level_key = np.zeros(len(batch), np.int64)
+        level_key = np.zeros(len(batch), np.int64)
         values: np.ndarray
         if k_range is not None:
             # mean over a range of levels per point: cumulative sums along depth, NaN levels skipped
@@ -324,7 +388,7 @@ class Grid:
                                                                             dtype=np.float64)], 1)
             counts = np.concatenate([np.zeros(block[:, :1].shape, np.int64), np.cumsum(finite, 1)], 1)
             a, b = k_range[0], k_range[1] + 1
-            y, x = local["lat"], local["lon"]
+            y, x = local["y"], local["x"]
             total = sums[time_pos, b, y, x] - sums[time_pos, a, y, x]
             count = counts[time_pos, b, y, x] - counts[time_pos, a, y, x]
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -332,25 +396,65 @@ class Grid:
             level_key = a * (block.shape[1] + 1) + b
         else:
             depth_pos = local.get("depth", np.zeros(len(batch), np.int64))
-            values = block[time_pos, depth_pos, local["lat"], local["lon"]].astype(np.float64)
+            values = block[time_pos, depth_pos, local["y"], local["x"]].astype(np.float64)
             if self.depth is not None:
                 level_key = depth_pos
         qc = np.full(len(batch), QC_OK, np.int8)
         missing = np.isnan(values)
         qc[missing] = QC_NO_DATA
         if fill_km and missing.any():
-            lat_box = self.da.coords[self.axes["lat"]].values[select[self.axes["lat"]]]
-            lon_box = self.da.coords[self.axes["lon"]].values[select[self.axes["lon"]]]
-            self._fill_from_nearest_valid(block, values, qc, missing, time_pos, level_key, k_range, lat, lon,
-                                          np.asarray(lat_box, np.float64), np.asarray(lon_box, np.float64), fill_km)
+            if self.curvilinear:
+                block, cells = self._curvilinear_fill_box(select, idx["y"][missing], idx["x"][missing],
+                                                          lat[missing], lon[missing], fill_km)
+            else:
+                lat_box = self.da.coords[self.coords["lat"]].values[select[self.axes["lat"]]]
+                lon_box = self.da.coords[self.coords["lon"]].values[select[self.axes["lon"]]]
+                grid_lat, grid_lon = np.meshgrid(np.asarray(lat_box, np.float64), np.asarray(lon_box, np.float64),
+                                                 indexing="ij")
+                cells = unit_vectors(grid_lat, grid_lon)
+            self._fill_from_nearest_valid(block, values, qc, missing, time_pos, level_key, k_range, lat, lon, cells,
+                                          fill_km)
         return values, qc
+
+    def _block(self, select: dict[str, Any]) -> np.ndarray:
+        """The box read, always 4-D: (time, depth, lat or y, lon or x)."""
+        block = self._read(select)
+        if self.time is None:
+            block = block[np.newaxis]
+        if self.depth is None:
+            block = block[:, np.newaxis]
+        return block
+
+    def _curvilinear_fill_box(self, select: dict[str, Any], rows: np.ndarray, cols: np.ndarray, lat: np.ndarray,
+                              lon: np.ndarray, km: float) -> tuple[np.ndarray, np.ndarray]:
+        """The box holding every cell within ``km`` of the points to fill, found by the grid's tree
+        (cells near in space may be far apart in index across a seam or a fold: the box then spans
+        the grid), and the unit vectors of its cells."""
+        tree = self.cell_tree()
+        # one query per nearest cell, its radius widened by the farthest of its points from its centre
+        flat, inverse = np.unique(rows * tree.shape[1] + cols, return_inverse=True)
+        centre_lat, centre_lon = tree.centres(flat)
+        offset = np.linalg.norm(unit_vectors(lat, lon) - unit_vectors(centre_lat, centre_lon)[inverse], axis=1)
+        radius = np.zeros(len(flat))
+        np.maximum.at(radius, inverse, offset)
+        near_rows, near_cols = np.divmod(tree.within(centre_lat, centre_lon, chord_of_km(km) + radius), tree.shape[1])
+        wide = dict(select)
+        for dim, near in ((self.axes["y"], near_rows), (self.axes["x"], near_cols)):
+            read = select[dim]
+            if len(near):
+                read = slice(min(read.start, int(near.min())), max(read.stop, int(near.max()) + 1))
+            wide[dim] = read
+        box = {self.axes["y"]: wide[self.axes["y"]], self.axes["x"]: wide[self.axes["x"]]}
+        lat_box = np.asarray(self.da.coords[self.coords["lat"]].isel(box).values, np.float64)
+        lon_box = np.asarray(self.da.coords[self.coords["lon"]].isel(box).values, np.float64)
+        return self._block(wide), unit_vectors(lat_box, lon_box)
 
     def _fill_from_nearest_valid(self, block: np.ndarray, values: np.ndarray, qc: np.ndarray, missing: np.ndarray,
                                  time_pos: np.ndarray, level_key: np.ndarray, k_range: Any, lat: np.ndarray,
-                                 lon: np.ndarray, lat_box: np.ndarray, lon_box: np.ndarray, km: float) -> None:
-        """Replace NaN cells by the nearest finite cell of the same time/level within ``km`` (in place)."""
-        grid_lat, grid_lon = np.meshgrid(lat_box, lon_box, indexing="ij")
-        cells = unit_vectors(grid_lat.ravel(), grid_lon.ravel())
+                                 lon: np.ndarray, cells: np.ndarray, km: float) -> None:
+        """Replace NaN cells by the nearest finite cell of the same time/level within ``km`` (in place);
+        ``cells`` are the unit vectors of the box's cells, row-major (NaN: a cell without a position)."""
+        placed = np.isfinite(cells).all(axis=1)
         chord = chord_of_km(km)
         pending = np.flatnonzero(missing)
         keys = np.stack([time_pos[pending], level_key[pending]], axis=1)
@@ -367,7 +471,7 @@ class Grid:
             else:
                 field = block[t, int(key[1])]
             flat = field.ravel().astype(np.float64)
-            valid = np.flatnonzero(np.isfinite(flat))
+            valid = np.flatnonzero(np.isfinite(flat) & placed)
             if not len(valid):
                 continue
             tree = cKDTree(cells[valid])
@@ -406,6 +510,31 @@ class _BoxCache:
 _BOXES = _BoxCache(int(os.environ.get("PZSCALE_GRID_CACHE_BYTES", 512 * 2**20)))
 
 
+class _TreeCache:
+    """Curvilinear grids' KD-trees built by this process, by grid file and coordinates: every env task
+    on the same grid would otherwise rebuild it (seconds and ~0.5 GB for a 1/12 degree global grid)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.trees: OrderedDict[tuple, CellTree] = OrderedDict()
+        self.lock = threading.Lock()  # held while building: threads of a worker wait for one tree, not build two
+
+    def get_or_build(self, key: tuple | None, build: Any) -> CellTree:
+        if key is None:
+            return build()
+        with self.lock:
+            tree = self.trees.get(key)
+            if tree is None:
+                tree = self.trees[key] = build()
+                while len(self.trees) > self.keep:
+                    self.trees.popitem(last=False)
+            self.trees.move_to_end(key)
+            return tree
+
+
+_TREES = _TreeCache(2)
+
+
 def file_identity(path: str, storage_options: dict | None = None) -> tuple:
     """What names one version of a grid: the path with the size and modification time (local), or
     the URL with the ETag / modification time of the file or of the Zarr group's metadata (one HEAD
@@ -425,6 +554,12 @@ def file_identity(path: str, storage_options: dict | None = None) -> tuple:
     info = fs.info(target)
     version = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("size")
     return (redact(path), str(version))
+
+
+def _span(needed: np.ndarray) -> tuple[slice, np.ndarray]:
+    """The slice from the first to the last needed index, and each needed index's position in it."""
+    start = int(needed.min())
+    return slice(start, int(needed.max()) + 1), needed - start
 
 
 def _steps(needed: np.ndarray) -> tuple[Any, np.ndarray]:
