@@ -11,13 +11,13 @@ import pandas as pd
 from distributed import Client
 
 from pzscale.errors import CatalogError
-from pzscale.ml.labels import scores, targets, truncate  # noqa: F401 - re-exported
+from pzscale.ml.labels import TARGET_COLUMNS, scores, targets, truncate  # noqa: F401 - re-exported
 from pzscale.schema import SPLIT, prediction_name
 from pzscale.stage import Catalog, map_shards
 
 
 def _shard(cat: Catalog, start: int, stop: int, label: str, split: str) -> tuple[list, list]:
-    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", label])
+    cols = cat.read(start, stop, [SPLIT, *TARGET_COLUMNS, label])
     truth = targets(cols)
     keep = (cols[SPLIT] == split) & (truth != "") & (cols[label] != "")
     return truth[keep].tolist(), cols[label][keep].tolist()

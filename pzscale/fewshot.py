@@ -22,7 +22,7 @@ import pandas as pd
 from distributed import Client
 
 from pzscale.errors import CatalogError
-from pzscale.ml.labels import scores, targets
+from pzscale.ml.labels import TARGET_COLUMNS, scores, targets
 from pzscale.schema import SPLIT
 from pzscale.stage import Catalog, map_shards, retry
 
@@ -33,7 +33,7 @@ SHOTS = (1, 5)
 def _scan(cat: Catalog, start: int, stop: int, embedding: str, split: str, centre_split: str
           ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
     """A shard's sum and count of centring features, and its evaluated rows with their labels."""
-    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", embedding])
+    cols = cat.read(start, stop, [SPLIT, *TARGET_COLUMNS, embedding])
     target = targets(cols)
     features = cols[embedding].astype(np.float32)
     finite = np.isfinite(features).all(1)

@@ -11,12 +11,14 @@ from pzscale.stage import Catalog, map_shards, retry
 
 
 def _count_shard(cat: Catalog, start: int, stop: int) -> dict:
-    cols = cat.read(start, stop, ["source", "status", "lineage", "proposed_label"])
+    cols = cat.read(start, stop, ["source", "status", "lineage", "proposed_label", "original_label"])
+    harmonised = (cols["lineage"] != "") | (cols["proposed_label"] != "")
     return {
         "sources": Counter(cols["source"].tolist()),
         "status": Counter(cols["status"].tolist()),
         "with_lineage": int(np.count_nonzero(cols["lineage"] != "")),
         "with_label": int(np.count_nonzero(cols["proposed_label"] != "")),
+        "with_raw_label_only": int(np.count_nonzero(~harmonised & (cols["original_label"] != ""))),
     }
 
 
@@ -38,7 +40,8 @@ def summarize(url: str | Catalog, *, storage_options: dict | None = None) -> dic
     n_rows, shard_len = cat.n_rows, cat.shard_len
     ranges = cat.shards()
     parts = map_shards(_count_shard, cat)
-    total: dict = {"sources": Counter(), "status": Counter(), "with_lineage": 0, "with_label": 0}
+    total: dict = {"sources": Counter(), "status": Counter(), "with_lineage": 0, "with_label": 0,
+                   "with_raw_label_only": 0}
     for p in parts:
         for key in total:
             total[key] += p[key]
@@ -54,6 +57,7 @@ def summarize(url: str | Catalog, *, storage_options: dict | None = None) -> dic
         "url": url, "rows": n_rows, "shard_len": shard_len, "shards": len(ranges),
         "version": meta["version"], "sources": dict(total["sources"]), "status": dict(total["status"]),
         "with_lineage": total["with_lineage"], "with_label": total["with_label"],
+        "with_raw_label_only": total["with_raw_label_only"],
         "plans": plans,
         "stages": {s: len(v) for s, v in stages.items() if not s.startswith("ingest/")},
     }
@@ -66,7 +70,8 @@ def format_summary(s: dict) -> str:
         f"  {s['rows']:,} images in {s['shards']} shard(s) of {s['shard_len']:,} rows (pzscale {s['version']})",
         "  sources: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["sources"].items())),
         f"  labelled: {s['with_label']:,} ({100 * s['with_label'] / rows:.1f}%), "
-        f"with taxonomic lineage: {s['with_lineage']:,} ({100 * s['with_lineage'] / rows:.1f}%)",
+        f"with taxonomic lineage: {s['with_lineage']:,} ({100 * s['with_lineage'] / rows:.1f}%), "
+        f"raw label only (unmapped, trained on as is): {s['with_raw_label_only']:,}",
         "  status: " + ", ".join(f"{k or 'unwritten'} {v:,}" for k, v in sorted(s["status"].items())),
     ]
     for p in s["plans"]:

@@ -4,7 +4,8 @@ As the Planktonzilla protocol: per (source, label) group a 60/20/20 split in a s
 random order, groups with fewer than ``min_count`` images all in train, and whole held-out
 sources set aside as the ``unseen`` benchmark, which keeps only classes absent from the
 training split. The label is the lineage, or the proposed label where there is no lineage
-(detritus, bubbles). Values of the ``split`` variable:
+(detritus, bubbles), or the source's raw label where no taxonomy table mapped it (class folders).
+Values of the ``split`` variable:
 
 - ``train``, ``val``, ``test``: rows of the other sources;
 - ``unseen``: held-out rows whose label does not occur in ``train`` (the unseen benchmark);
@@ -34,7 +35,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pzscale.errors import CatalogError
-from pzscale.ml.labels import targets
+from pzscale.ml.labels import TARGET_COLUMNS, targets
 from pzscale.schema import DUPLICATE_METHODS, SPLIT, duplicate_name
 from pzscale.stage import Catalog, ShardResult, ShardTask, map_shards, pending, run_stage
 
@@ -45,8 +46,7 @@ PAPER_UNSEEN_SOURCES = ("global_uvp5", "planktoscope", "planktonset1.0", "syke_i
 
 
 def _shard_keys(cat: Catalog, start: int, stop: int, seed: int, duplicates: list[str]) -> tuple:
-    cols = cat.read(start, stop, ["source", "lineage", "proposed_label", "status", "image_id",
-                                                  *duplicates])
+    cols = cat.read(start, stop, ["source", *TARGET_COLUMNS, "image_id", *duplicates])
     # a seeded order that does not depend on where a row sits in the catalog
     order = pd.util.hash_array(cols["image_id"].astype(object), hash_key=f"pzscale{seed:09d}"[:16])
     dup = np.stack([cols[d].astype(np.int64) for d in duplicates], 1) if duplicates else np.zeros((stop - start, 0))

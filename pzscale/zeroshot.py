@@ -42,7 +42,7 @@ from pzscale.ml.inference import (
     load_on_workers,
     model_on_worker,
 )
-from pzscale.ml.labels import targets
+from pzscale.ml.labels import TARGET_COLUMNS, targets
 from pzscale.ml.models import ModelCard
 from pzscale.ml.preprocess import prepare_batch
 from pzscale.schema import SPLIT, STATUS_OK, embedding_name, prediction_name
@@ -130,7 +130,7 @@ def zeroshot_shard(task: ShardTask) -> ShardResult:
 
 
 def _present(cat: Catalog, start: int, stop: int, splits: list[str]) -> dict[str, set[str]]:
-    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status"])
+    cols = cat.read(start, stop, [SPLIT, *TARGET_COLUMNS])
     target = targets(cols)
     return {s: set(target[(cols[SPLIT] == s) & (target != "")]) for s in splits}
 

@@ -14,10 +14,16 @@ from sklearn.metrics import f1_score
 
 from pzscale.schema import RANKS, STATUS_OK
 
+# the catalog columns ``targets`` reads
+TARGET_COLUMNS = ("lineage", "proposed_label", "original_label", "status")
+
 
 def targets(cols: dict[str, np.ndarray]) -> np.ndarray:
-    """The label a classifier learns: the lineage, else the proposed label; '' when neither or no image."""
-    target = np.where(cols["lineage"] != "", cols["lineage"], cols["proposed_label"]).astype(object)
+    """The label a classifier learns: the lineage, else the proposed label, else the source's own raw label
+    (a class folder's name when no taxonomy table mapped it: ``pzscale taxonomy report`` lists those as
+    unmapped); '' when none or no image."""
+    named = np.where(cols["proposed_label"] != "", cols["proposed_label"], cols["original_label"])
+    target = np.where(cols["lineage"] != "", cols["lineage"], named).astype(object)
     target[cols["status"] != STATUS_OK] = ""
     return target
 

@@ -14,7 +14,7 @@ import torch
 
 from pzscale import images
 from pzscale.errors import CatalogError
-from pzscale.ml.labels import targets
+from pzscale.ml.labels import TARGET_COLUMNS, targets
 from pzscale.schema import SPLIT
 from pzscale.stage import Catalog, map_shards, retry
 
@@ -22,7 +22,7 @@ GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def _split_shard(cat: Catalog, start: int, stop: int, split: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    cols = cat.read(start, stop, [SPLIT, "lineage", "proposed_label", "status", "image_id"])
+    cols = cat.read(start, stop, [SPLIT, *TARGET_COLUMNS, "image_id"])
     target = targets(cols)
     rows = np.flatnonzero((cols[SPLIT] == split) & (target != ""))
     return start, rows + start, target[rows], cols["image_id"][rows]
