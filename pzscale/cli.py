@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -67,6 +68,18 @@ class _App(typer.Typer):
 app = _App(add_completion=False, no_args_is_help=True)  # its help is main's docstring
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written (a test runner swaps it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"pzscale {version('pzscale')}")
@@ -88,7 +101,7 @@ def main(
     log line every PZSCALE_PROGRESS_SECONDS (30) elsewhere.
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level)
