@@ -184,6 +184,29 @@ def ingest(
     typer.echo(str(report))
 
 
+@app.command()
+def unlock(
+    catalog_url: CatalogOpt,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Remove the ingest lock left by a process that is gone (an ingest on this host takes over such a lock
+    itself; one held from another host needs this)."""
+    from pzscale.ingest import read_lock, remove_lock
+
+    so = _storage_options(storage_options)
+    holder = read_lock(catalog_url, storage_options=so)
+    if holder is None:
+        typer.echo(f"{catalog_url}: not locked")
+        return
+    who = f"{holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}" if holder else "unknown holder"
+    if not yes and not typer.confirm(f"{catalog_url} is locked by {who}. Remove the lock only if that process is "
+                                     "gone. Remove it?"):
+        raise typer.Exit(1)
+    remove_lock(catalog_url, storage_options=so)
+    typer.echo(f"{catalog_url}: lock of {who} removed")
+
+
 @app.command("readers")
 def readers_cmd() -> None:
     """List the input formats pzscale can ingest (built-in and from installed plugins)."""

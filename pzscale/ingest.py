@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -27,6 +28,7 @@ from importlib.metadata import version
 import fsspec
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client
@@ -47,6 +49,8 @@ from pzscale.schema import (
     lineage,
 )
 from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, retry, run_stage
+
+log = logging.getLogger("pzscale")
 
 STAGE = "ingest"
 
@@ -379,30 +383,75 @@ def _prepare(probe: Plan, url: str, shard_len: int | None, append: bool, storage
 LOCK_SUFFIX = ".pzscale-lock"  # beside the catalog: zarr refuses to create a group in a non-empty folder
 
 
+def _lock_path(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/") + LOCK_SUFFIX
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host started (seconds since 1970), None if there is none."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _holder_gone(holder: dict) -> bool:
+    """Whether a lock's holder is a process of this host that no longer runs (its pid gone, or reused
+    by a process started later). Holders on other hosts cannot be checked from here."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    started = _process_started(holder["pid"])
+    recorded = holder.get("started")
+    return started is None or (isinstance(recorded, int | float) and abs(started - recorded) > 1.0)
+
+
+def read_lock(url: str, *, storage_options: dict | None = None) -> dict | None:
+    """The holder recorded in the catalog's ingest lock ({} if unreadable), None when unlocked."""
+    fs, path = _lock_path(url, storage_options)
+    try:
+        return json.loads(retry(fs.cat_file, path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, StageError):
+        return {}
+
+
+def remove_lock(url: str, *, storage_options: dict | None = None) -> None:
+    fs, path = _lock_path(url, storage_options)
+    retry(fs.rm_file, path)
+
+
 @contextlib.contextmanager
 def metadata_lock(url: str, *, storage_options: dict | None = None) -> Iterator[None]:
     """Hold a create-only lock object while this client changes the catalog's metadata.
 
     Without it two ingests into one catalog (two appends at once) would both read the same
-    plans, take the same rows and interleave their collections. The second one is refused
-    with a CatalogError naming the holder; a lock left by a killed client is reported the
-    same way, with the path to delete.
+    plans, take the same rows and interleave their collections. The lock records its holder's
+    host, pid and process start time. A second ingest is refused with a CatalogError naming the
+    holder, unless the holder is a process of this host that is gone (killed): then the lock is
+    taken over with a warning. A holder on another host is never guessed dead: `pzscale unlock`.
     """
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    path = root.rstrip("/") + LOCK_SUFFIX
+    fs, path = _lock_path(url, storage_options)
     retry(fs.makedirs, posixpath.dirname(path), exist_ok=True)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid()),
               "since": datetime.now(UTC).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
     # a create whose reply was lost is retried and finds the lock there: ours if it holds our token
-    if not retry(catalog.create_only, fs, path, json.dumps(holder).encode()):
-        try:
-            other = json.loads(retry(fs.cat_file, path))
-            who = f"{other.get('host')} pid {other.get('pid')} since {other.get('since')}"
-        except (OSError, ValueError, StageError):
-            other, who = {}, "unknown holder"
-        if other.get("token") != holder["token"]:
-            raise CatalogError(f"{url}: another ingest is changing this catalog ({who}); wait for it, or delete "
-                               f"{fs.unstrip_protocol(path)} if that process is gone")
+    while not retry(catalog.create_only, fs, path, json.dumps(holder).encode()):
+        other = read_lock(url, storage_options=storage_options)
+        if other is None:
+            continue  # released between our create and our read: try again
+        if other.get("token") == holder["token"]:
+            break
+        who = f"{other.get('host')} pid {other.get('pid')} since {other.get('since')}" if other else "unknown holder"
+        if other and _holder_gone(other):
+            log.warning("%s: taking over the ingest lock of %s, a process of this host that is gone", url, who)
+            # only the lock we read: a taker that got there first has written another token
+            if read_lock(url, storage_options=storage_options) == other:
+                retry(fs.rm_file, path)
+            continue
+        raise CatalogError(f"{url}: another ingest is changing this catalog ({who}); wait for it, or, if that "
+                           f"process is gone, run `pzscale unlock --catalog {url}`")
     try:
         yield
     finally:

@@ -9,6 +9,8 @@ for what it did not finish.
 from __future__ import annotations
 
 import errno
+import json
+import os
 import random
 import shutil
 import threading
@@ -19,7 +21,7 @@ import pytest
 from pzscale import catalog, progress
 from pzscale.errors import CatalogError, InputError, StageError
 from pzscale.faults import is_transient
-from pzscale.ingest import ingest, make_plan, metadata_lock
+from pzscale.ingest import ingest, make_plan, metadata_lock, read_lock
 from pzscale.synth import synth
 from tests.reliability.helpers import SHARD_LEN, image_ids
 
@@ -180,6 +182,58 @@ def test_ingest_while_another_holds_the_catalog_is_refused(small_clean, client, 
     assert catalog.metadata(catalog.open_group(url)) == before
     report = ingest([str(cruise)], url, append=True, client=client, progress=False)  # the lock is gone
     assert report.rows == (len(small_clean[3]), len(small_clean[3]) + 40)
+
+
+def _lock_of(url, **holder) -> None:
+    """Write the ingest lock as an ingest of ``holder`` would have left it."""
+    from pzscale.ingest import LOCK_SUFFIX
+
+    with open(url.rstrip("/") + LOCK_SUFFIX, "w") as fh:
+        json.dump({"since": "2026-01-01T00:00:00+00:00", "token": "theirs", **holder}, fh)
+
+
+def test_a_lock_left_by_a_killed_ingest_of_this_host_is_taken_over(small_clean, client, tmp_path, caplog,
+                                                                   monkeypatch):
+    import logging
+    import socket
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(small_clean[0], url)
+    cruise = tmp_path / "cruise"
+    synth(cruise, images=40, seed=22)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs (the kernel does not reuse it this soon)
+    _lock_of(url, host=socket.gethostname(), pid=gone.pid, started=1.0)
+    monkeypatch.setattr(logging.getLogger("pzscale"), "propagate", True)  # the CLI's own handler may be set
+    with caplog.at_level("WARNING", logger="pzscale"):
+        report = ingest([str(cruise)], url, append=True, client=client, progress=False)
+    assert report.rows == (len(small_clean[3]), len(small_clean[3]) + 40)
+    assert f"taking over the ingest lock of {socket.gethostname()} pid {gone.pid}" in caplog.text
+    assert read_lock(url) is None
+    # a live process of this host whose pid was reused by a later process: its recorded start differs
+    _lock_of(url, host=socket.gethostname(), pid=os.getpid(), started=1.0)
+    with metadata_lock(url):
+        assert read_lock(url)["pid"] == os.getpid() and read_lock(url)["token"] != "theirs"
+
+
+def test_a_lock_from_another_host_needs_pzscale_unlock(small_clean, tmp_path):
+    from typer.testing import CliRunner
+
+    from pzscale.cli import app
+
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(small_clean[0], url)
+    _lock_of(url, host="node-7.cluster", pid=4242, started=1.0)
+    with pytest.raises(CatalogError, match=r"node-7\.cluster pid 4242 .*pzscale unlock --catalog"), metadata_lock(url):
+        pass
+    refused = CliRunner().invoke(app, ["unlock", "-c", url], input="n\n")
+    assert refused.exit_code == 1 and "locked by node-7.cluster pid 4242" in refused.output
+    assert read_lock(url)["host"] == "node-7.cluster"
+    removed = CliRunner().invoke(app, ["unlock", "-c", url], input="y\n")
+    assert removed.exit_code == 0 and read_lock(url) is None
+    assert CliRunner().invoke(app, ["unlock", "-c", url]).output.endswith("not locked\n")
 
 
 def test_two_appends_at_once_are_serialised_or_refused_never_interleaved(small_clean, sample_data, client,
