@@ -2,6 +2,7 @@
 
 import json
 
+import numpy
 import pytest
 import torch
 
@@ -327,3 +328,129 @@ def test_invalid_card_values():
         _builtin_card(kind="keras")
     with pytest.raises(ModelError, match="3 values"):
         _builtin_card(mean=(0.5,))
+
+
+# ---------------------------------------------------------------- cards validated on load (issue 17)
+
+
+def _write_card(model_dir, **changes):
+    """A valid builtin card's JSON with ``changes`` applied by hand, as an adversarial user would edit it."""
+    data = {**_builtin_card().to_dict(), "weights": {"backbone": "backbone.safetensors", "head": "head.safetensors"}}
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model_card.json").write_text(json.dumps({**data, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("weights", ["backbone.safetensors"]),
+        ("weights", {"backbone": 5}),  # backbone as a number
+        ("classes", "abc"),  # a string of the right length (3 classes)
+        ("classes", ["a", "b", "a"]),
+        ("classes", ["a", 7, "c"]),
+        ("mean", "abc"),
+        ("mean", [0.5, "x", 0.5]),
+        ("mean", [0.5, 0.5]),
+        ("std", [0.25, float("nan"), 0.25]),
+        ("std", [0.25, 0, 0.25]),
+        ("std", [0.25, float("inf"), 0.25]),
+        ("embed_dim", "32"),
+        ("embed_dim", 0),
+        ("embed_dim", 32.5),
+        ("image_size", True),
+        ("name", 3),
+        ("version", None),
+        ("head", "tree"),
+        ("extra", []),
+    ],
+)
+def test_bad_card_field_is_one_line_naming_file_and_field(tmp_path, field, value):
+    _write_card(tmp_path, **{field: value})  # json.dumps writes NaN / Infinity, which json.loads reads back
+    for load in (models.ModelCard.load, models.load_model):
+        with pytest.raises(ModelError) as info:
+            load(tmp_path)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / 'model_card.json'}: field {field!r} ")
+        assert "\n" not in message and len(message) < 400
+
+
+def test_card_error_message_wording(tmp_path):
+    _write_card(tmp_path, mean="abc", classes=["a", "a", "b"])
+    with pytest.raises(ModelError) as info:
+        models.ModelCard.load(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model_card.json'}: field 'mean' must be 3 values (R, G, B), finite numbers, but the card has "
+        "mean 'abc'; field 'classes' must name each class once ('a' repeated), but the card has classes ['a', 'a', 'b']"
+    )
+
+
+def test_card_constructor_validates_types_too():
+    with pytest.raises(ModelError, match=r"field 'embed_dim' must be a whole number > 0"):
+        _builtin_card(embed_dim="32")
+    with pytest.raises(ModelError, match=r"field 'std' .*> 0"):
+        _builtin_card(std=(0.25, float("nan"), 0.25))
+    with pytest.raises(ModelError, match=r"field 'classes' must be a list of non-empty strings"):
+        _builtin_card(classes="abc")
+    card = _builtin_card(mean=[1, 0, 0.5], embed_dim=numpy.int64(32))  # ints and numpy ints are fine
+    assert card.mean == (1.0, 0.0, 0.5) and type(card.embed_dim) is int
+
+
+def test_head_size_must_match_classes(builtin_dir, tmp_path):
+    for name in ("backbone.safetensors", "head.safetensors"):
+        (tmp_path / name).write_bytes((builtin_dir[0] / name).read_bytes())
+    _write_card(tmp_path, classes=["a", "b"])  # the head gives 3 outputs
+    with pytest.raises(ModelError) as info:
+        models.load_model(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model_card.json'}: field 'classes' has 2 entries but head.safetensors gives 3 outputs"
+    )
+    _write_card(tmp_path, classes=["a", "b", "c", "d"])
+    with pytest.raises(ModelError, match=r"model_card\.json: field 'classes' has 4 entries but .* gives 3 outputs"):
+        models.load_model(tmp_path)
+    _write_card(tmp_path, head="linear")  # a linear head's weights where the card says mlp and vice versa
+    with pytest.raises(ModelError, match=r"head\.safetensors: weights do not fit linear head"):
+        models.load_model(tmp_path)
+
+
+def test_embed_dim_must_match_the_weights(builtin_dir, tmp_path):
+    (tmp_path / "backbone.safetensors").write_bytes((builtin_dir[0] / "backbone.safetensors").read_bytes())
+    _write_card(tmp_path, embed_dim=48, head=None, classes=[], weights={"backbone": "backbone.safetensors"})
+    with pytest.raises(ModelError) as info:
+        models.load_model(tmp_path)
+    message = str(info.value)
+    assert "model_card.json is 48 but the weights give 32" in message and "field 'embed_dim'" in message
+    # A head trained on another width: the backbone fits, the head does not.
+    models.save_model(tmp_path / "h", _builtin_card(), models.builtin_backbone(32), models.make_head("mlp", 32, 3))
+    from safetensors.torch import save_file
+
+    save_file(models.make_head("mlp", 16, 3).state_dict(), str(tmp_path / "h" / "head.safetensors"))
+    with pytest.raises(ModelError, match=r"model_card\.json: field 'embed_dim' is 32 but head\.safetensors takes 16"):
+        models.load_model(tmp_path / "h")
+
+
+class _BlockedPayload:
+    """A pickle payload from a module torch blocks outright (os): its refusal text is torch's longest advice."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("payload", ["blocked", "reduce", "custom_class"])
+def test_pickle_refusal_gives_no_unsafe_advice(tmp_path, payload):
+    marker = tmp_path / "payload_ran"
+    obj = {"blocked": _BlockedPayload, "reduce": _RunsCode}.get(payload, lambda _: _CustomWeights())(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "extra": obj}, path)
+    with pytest.raises(ModelError) as info:
+        models.read_state_dict(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused: the checkpoint needs arbitrary code to unpickle (it imports ")
+    assert "\n" not in message and len(message) < 300
+    for advice in ("weights_only=False", "`False`", "safe_globals", "trust"):
+        assert advice not in message
+    assert not marker.exists()

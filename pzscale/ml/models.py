@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
@@ -93,24 +96,9 @@ class ModelCard:
     pzscale: str = ""
 
     def __post_init__(self) -> None:
-        # JSON gives lists; the card promises tuples, and equality between a saved and a loaded card needs them.
-        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
-        self.embed_dim = int(self.embed_dim)
-        self.image_size = int(self.image_size)
-        problems = []
-        if not self.name:
-            problems.append("name is empty")
-        if self.kind not in KINDS:
-            problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.head is not None and self.head not in HEADS:
-            problems.append(f"head {self.head!r} is not one of {', '.join(HEADS)} or null")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            problems.append("mean and std need 3 values (R, G, B)")
-        if any(v <= 0 for v in self.std):
-            problems.append("std values must be positive")
-        if self.embed_dim < 1 or self.image_size < 1:
-            problems.append("embed_dim and image_size must be positive")
+        # Every field is checked (and lists turned into the promised tuples) so a bad card fails here, in one
+        # line, not later in a shard as an IndexError or NaN probabilities.
+        problems = _normalise_fields(self)
         if problems:
             raise ModelError(f"invalid model card {self.name!r}: {'; '.join(problems)}")
 
@@ -153,16 +141,119 @@ class ModelCard:
                 [f"missing fields {missing}"] if missing else []
             )
             raise ModelError(f"{path}: invalid model card: {'; '.join(parts)}")
-        try:
-            return cls(**data)
-        except ModelError as e:
-            raise ModelError(f"{path}: {e}") from None
-        except (TypeError, ValueError) as e:
-            raise ModelError(f"{path}: invalid model card: {one_line(e)}") from None
+        problems = _normalise_fields(data)
+        if problems:
+            raise ModelError(f"{path}: {'; '.join(problems)}")
+        return cls(**data)
 
 
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+# ---------------------------------------------------------------- the card's schema
+# Each checker returns the value in its stored form or raises ValueError saying what the field must be.
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _nonempty_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _one_of(*choices: str | None) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str | None) or value not in choices:
+            raise ValueError(f"must be one of {', '.join('null' if c is None else repr(c) for c in choices)}")
+        return value
+
+    return check
+
+
+def _positive_int(value: Any) -> int:
+    # bool is an Integral; numbers.Integral admits numpy integers, which training code may pass.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError("must be a whole number > 0")
+    return int(value)
+
+
+def _rgb(positive: bool) -> Callable[[Any], tuple[float, ...]]:
+    # preprocess normalises (N, 3, S, S) images channel by channel, so exactly one value per channel.
+    what = "3 values (R, G, B), finite numbers" + (" > 0" if positive else "")
+
+    def check(value: Any) -> tuple[float, ...]:
+        if not isinstance(value, list | tuple) or len(value) != 3:
+            raise ValueError(f"must be {what}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"must be {what}")
+        floats = tuple(float(v) for v in value)
+        if not all(math.isfinite(v) and (v > 0 or not positive) for v in floats):
+            raise ValueError(f"must be {what}")
+        return floats
+
+    return check
+
+
+def _classes(value: Any) -> list[str]:
+    # A string is a sequence too: "abc" would pass a length check and index as 3 one-letter classes.
+    if not isinstance(value, list | tuple) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise ValueError("must be a list of non-empty strings")
+    repeated = sorted({c for c in value if value.count(c) > 1})
+    if repeated:
+        raise ValueError(f"must name each class once ({', '.join(map(repr, repeated[:3]))} repeated)")
+    return list(value)
+
+
+def _weight_files(value: Any) -> dict[str, str]:
+    ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())
+    if not ok:
+        raise ValueError('must be an object of role -> file name strings, e.g. {"backbone": "backbone.safetensors"}')
+    return value
+
+
+def _object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+CARD_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "name": _nonempty_text,
+    "version": _text,
+    "kind": _one_of(*KINDS),
+    "architecture": _nonempty_text,
+    "embed_dim": _positive_int,
+    "image_size": _positive_int,
+    "mean": _rgb(positive=False),
+    "std": _rgb(positive=True),  # 0 or NaN would make every normalised pixel inf/NaN
+    "classes": _classes,
+    "head": _one_of(*HEADS, None),
+    "training_data_sha256": _text,
+    "weights": _weight_files,
+    "extra": _object,
+    "created": _text,
+    "pzscale": _text,
+}
+
+
+def _normalise_fields(card: ModelCard | dict[str, Any]) -> list[str]:
+    """Check every present field against ``CARD_SCHEMA``, store its normalised value, return the problems."""
+    values = card if isinstance(card, dict) else vars(card)
+    problems = []
+    for name, check in CARD_SCHEMA.items():
+        if name not in values:
+            continue
+        try:
+            values[name] = check(values[name])
+        except ValueError as e:
+            problems.append(f"field {name!r} {e}, but the card has {name} {one_line(repr(values[name]), 80)}")
+    return problems
 
 
 # ---------------------------------------------------------------- networks
@@ -284,13 +375,21 @@ def load_model(model_dir: str | os.PathLike, *, device: str | torch.device = "cp
     or weights that do not fit the card's architecture (strict: no missing, unexpected or mis-shaped tensor).
     """
     model_dir = Path(model_dir)
+    card_path = model_dir / CARD_FILE
     card = ModelCard.load(model_dir)
     backbone_path = _weight_path(model_dir, card, "backbone")
     state = read_state_dict(backbone_path)
     if card.kind == "builtin":
         if card.architecture != BUILTIN_ARCHITECTURE:
-            raise ModelError(f"{model_dir / CARD_FILE}: unknown builtin architecture {card.architecture!r}")
+            raise ModelError(f"{card_path}: unknown builtin architecture {card.architecture!r}")
         backbone = builtin_backbone(card.embed_dim)
+        out_key = _linear_weight_keys(backbone)[-1]
+        width = _rows(state.get(out_key))
+        if width is not None and width != card.embed_dim:  # say which card field is wrong, not only which tensor
+            raise ModelError(
+                f"{backbone_path}: weights do not fit {card.architecture}: mis-shaped {out_key}: "
+                f"field 'embed_dim' of {card_path} is {card.embed_dim} but the weights give {width}"
+            )
         load_strict(backbone, state, backbone_path, card.architecture)
     elif card.kind == "open_clip":
         backbone = open_clip_tower(card.architecture, state, backbone_path)
@@ -299,16 +398,47 @@ def load_model(model_dir: str | os.PathLike, *, device: str | torch.device = "cp
     width = declared_width(backbone)
     if width is not None and width != card.embed_dim:
         raise ModelError(
-            f"{model_dir / CARD_FILE}: embed_dim is {card.embed_dim} but {card.architecture} gives {width}"
+            f"{card_path}: embed_dim is {card.embed_dim} but {card.architecture} gives {width}"
         )
     head = None
     if card.head is not None:
         if not card.classes:
-            raise ModelError(f"{model_dir / CARD_FILE}: head {card.head!r} but no classes")
+            raise ModelError(f"{card_path}: head {card.head!r} but no classes")
         head_path = _weight_path(model_dir, card, "head")
         head = make_head(card.head, card.embed_dim, len(card.classes))
-        load_strict(head, read_state_dict(head_path), head_path, f"{card.head} head")
+        head_state = read_state_dict(head_path)
+        _check_head_sizes(card, head, head_state, card_path, head_path)
+        load_strict(head, head_state, head_path, f"{card.head} head")
     return LoadedModel(card, backbone, head, device)
+
+
+def _check_head_sizes(
+    card: ModelCard, head: nn.Module, state: dict[str, torch.Tensor], card_path: Path, head_path: Path
+) -> None:
+    # A head with more outputs than classes would index past card.classes in a shard; say so against the card.
+    keys = _linear_weight_keys(head)
+    outputs, inputs = _rows(state.get(keys[-1])), _columns(state.get(keys[0]))
+    if outputs is not None and outputs != len(card.classes):
+        raise ModelError(
+            f"{card_path}: field 'classes' has {len(card.classes)} entries but {head_path.name} gives {outputs} outputs"
+        )
+    if inputs is not None and inputs != card.embed_dim:
+        raise ModelError(
+            f"{card_path}: field 'embed_dim' is {card.embed_dim} but {head_path.name} takes {inputs} inputs"
+        )
+
+
+def _linear_weight_keys(module: nn.Module) -> list[str]:
+    """State dict keys of the weights of ``module``'s linear layers, in order."""
+    return [f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _rows(weight: torch.Tensor | None) -> int | None:
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
+def _columns(weight: torch.Tensor | None) -> int | None:
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
 
 
 def import_checkpoint(

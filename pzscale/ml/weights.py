@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,26 +72,40 @@ def torch_load_weights_only(path: Path) -> Any:
         except pickle.UnpicklingError as e:
             if "Weights only load failed" in str(e):
                 raise ModelError(
-                    f"{path}: refused: the checkpoint needs arbitrary code to load (torch.load weights_only=True): "
-                    f"{weights_only_reason(e)}"
+                    f"{path}: refused: the checkpoint needs arbitrary code to unpickle ({weights_only_reason(e)}); "
+                    "pzscale only reads plain tensors from pickles"
                 ) from None
-            raise ModelError(f"{path}: corrupt checkpoint: {one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt checkpoint: {without_advice(e)}") from None
         except RuntimeError as e:
             if mmap and "mmap can only be used" in str(e):
                 continue  # legacy (pre-zip) torch.save format: read it whole
-            raise ModelError(f"{path}: corrupt checkpoint: {one_line(e)}") from None
+            raise ModelError(f"{path}: corrupt checkpoint: {without_advice(e)}") from None
         except Exception as e:  # noqa: BLE001 - torch raises KeyError, EOFError, ... on garbage; all mean "corrupt"
-            raise ModelError(f"{path}: corrupt or unreadable checkpoint: {type(e).__name__}: {one_line(e)}") from None
+            raise ModelError(
+                f"{path}: corrupt or unreadable checkpoint: {type(e).__name__}: {without_advice(e)}"
+            ) from None
     raise AssertionError("unreachable")
 
 
+# Sentences of torch's refusal text that advise loading anyway (weights_only=False, allowlisting the global):
+# unsafe for files nobody vetted, so they never reach a pzscale message.
+_ADVICE = re.compile(r"weights_only|safe_globals|allowlist|trust|file an issue|documentation of torch\.load", re.I)
+
+
 def weights_only_reason(error: Exception) -> str:
-    # torch's message is a long multi-line tutorial; the line naming the offending global is the useful part.
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line.startswith(("WeightsUnpickler error", "Unsupported global", "Unsupported operand")):
-            return one_line(line)
-    return one_line(error)
+    """What the refused pickle wanted (the global it imports, or the opcode), without torch's advice."""
+    text = str(error)
+    if m := re.search(r"GLOBAL (\S+)(?: whose module \S+ is blocked| was not an allowed global)", text):
+        return f"it imports {m[1]}"
+    if m := re.search(r"Unsupported operand (\d+)", text):
+        return f"unsupported pickle opcode {m[1]}"
+    return without_advice(text.split("WeightsUnpickler error:", 1)[-1]) or "unknown reason"
+
+
+def without_advice(error: object) -> str:
+    """``one_line(error)`` without the sentences that advise loading the file unsafely."""
+    sentences = re.split(r"(?<=[.:])\s+", " ".join(str(error).split()))
+    return one_line(" ".join(s for s in sentences if not _ADVICE.search(s)))
 
 
 def load_strict(
