@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pzscale import catalog, info
+from pzscale import catalog, info, tables
 from pzscale.errors import PzscaleError, one_line
 
 log = logging.getLogger("pzscale")
@@ -245,8 +245,8 @@ def taxonomy_report(
     typer.echo(conflicts[["raw_label", "source", "lineage"]].to_string(index=False) if len(conflicts) else "  none")
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        unmapped.to_csv(out / "unmapped.csv", index=False)
-        conflicts.to_csv(out / "conflicts.csv", index=False)
+        tables.write_csv(unmapped, out / "unmapped.csv")
+        tables.write_csv(conflicts, out / "conflicts.csv")
         typer.echo(f"\nwrote {out / 'unmapped.csv'} and {out / 'conflicts.csv'}")
 
 
@@ -461,7 +461,7 @@ def dedup_report_cmd(
     typer.echo(f"{kind}: {len(table):,} row(s)")
     typer.echo(table.head(30).to_string(index=False) if len(table) else "  none")
     if out:
-        table.to_csv(out, index=False)
+        tables.write_csv(table, out)
         typer.echo(f"wrote {out}")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
+from pzscale import tables
 from pzscale.classify import classify
 from pzscale.clip_train import train_clip
 from pzscale.embed import embed
@@ -180,7 +181,7 @@ def compare(
                           "architecture": card.architecture, "settings": [s for s, _ in settings],
                           "embedding": embedding, "training_data_sha256": card.training_data_sha256})
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    table.to_csv(out / "compare.csv", index=False)
+    tables.write_csv(table, out / "compare.csv")  # quoted, formula-safe CSV
     protocol = {"seen": "test split", "unseen": "held-out sources, classes absent from train",
                 "metric": "macro-F1 per rank, lineages truncated to the first k ranks (shorter ones whole)",
                 "zero_shot_prompt": template, "simpleshot": {"shots": list(shots), "seeds": list(seeds)},

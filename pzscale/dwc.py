@@ -19,7 +19,12 @@ genus or family). Columns (Darwin Core terms unless said):
 - ``datasetName`` (source), ``catalogNumber`` (object id), ``samplingProtocol`` (instrument), ``license``.
 
 Each shard is written by its own task as a headerless part under ``<out>.parts/``; the client
-then streams the parts, in shard order, after the header into ``out``, so memory stays flat.
+then streams the parts (bytes, untouched), in shard order, after the header into ``out``, so memory stays flat.
+
+The CSV is written by ``pzscale.tables.write_csv``: the header and every text cell quoted, numbers not, so
+any character in a name (commas, quotes, tabs, line breaks, Unicode) reads back as written; a text cell
+starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is written with a leading ``'`` so a
+spreadsheet never runs it as a formula (numbers such as a negative latitude are left as they are).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from pzscale import grids
+from pzscale import grids, tables
 from pzscale.errors import CatalogError, InputError
 from pzscale.schema import RANKS, STATUS_OK, TIME_FILL, predicting_models, prediction_name
 from pzscale.stage import Catalog, map_shards, retry
@@ -187,17 +192,18 @@ def _write_part(cat: Catalog, start: int, stop: int, out: str, model: str | None
         names = {prediction_name(model, key): key for key in _prediction_keys()}
         predictions = {names[k]: v for k, v in cat.read(start, stop, list(names)).items()}
     frame = occurrences(cols, model=model, min_prob=min_prob, predictions=predictions, table=table)
-    with fsspec.open(_part_path(out, start), "w", **(out_storage_options or {})) as fh:
-        frame.to_csv(fh, header=False, index=False, lineterminator="\n")
+    with fsspec.open(_part_path(out, start), "w", newline="", **(out_storage_options or {})) as fh:
+        tables.write_csv(frame, fh, header=False)
     return len(frame)
 
 
 def _join_parts(fs: fsspec.AbstractFileSystem, path: str, starts: list[int]) -> None:
-    """The header, then every shard's part in row order, into ``path``."""
-    with fs.open(path, "w") as dest:
-        dest.write(",".join(COLUMNS) + "\n")
+    """The header, then every shard's part in row order, into ``path``; bytes are copied as they are (a text
+    read would turn a quoted ``\\r`` into ``\\n``)."""
+    with fs.open(path, "wb") as dest:
+        dest.write(tables.write_csv(pd.DataFrame(columns=list(COLUMNS)), None).encode())
         for start in starts:
-            with fs.open(_part_path(path, start), "r") as part:
+            with fs.open(_part_path(path, start), "rb") as part:
                 while block := part.read(1 << 20):
                     dest.write(block)
 
@@ -214,6 +220,8 @@ def export_dwc(
 ) -> dict:
     """Write the occurrence CSV ``out`` (local path or fsspec URL); one task per shard writes its part
     (on ``client`` or the current one, else in this process), then the parts are joined in row order.
+    Text cells are quoted and numbers not (any character round-trips); a text cell starting with ``=``,
+    ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (no spreadsheet formulas).
     Returns the rows written and the path."""
     if not 0.0 <= min_prob <= 1.0:
         raise InputError(f"min_prob must be within [0, 1], not {min_prob}")
