@@ -496,6 +496,10 @@ def ingest(
     Two ingests into one catalog at once: the one that comes second is refused (CatalogError).
     """
     catalog.check_url(url)
+    if shard_len is not None and not (shard_len > 0 and (shard_len <= catalog.SHARD_UNIT
+                                                         or shard_len % catalog.SHARD_UNIT == 0)):
+        raise InputError(f"shard length {shard_len}: must be 1..{catalog.SHARD_UNIT} or a multiple of "
+                         f"{catalog.SHARD_UNIT} (default {catalog.DEFAULT_SHARD_LEN})")
     client = require_client(client)
     # a bad table fails before any write; its hash is recorded with the stage's parameters
     table_sha = retry(taxonomy.read_table, taxonomy_table, storage_options=storage_options).attrs["sha256"] \

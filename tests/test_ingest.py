@@ -209,3 +209,11 @@ def test_creation_cut_short_is_finished_by_the_rerun(synth_dir, clean_catalog, c
     report = ingest([str(synth_dir)], str(url), client=client, progress=False)
     assert report.shards_written == report.shards_total
     assert catalog.checksums(str(url)) == clean_sums
+
+
+@pytest.mark.parametrize("shard_len", [0, -256, 300])
+def test_a_shard_length_that_cannot_be_is_refused_before_anything(synth_dir, tmp_path, shard_len):
+    url = str(tmp_path / "cat.zarr")
+    with pytest.raises(InputError, match=f"shard length {shard_len}: must be"):
+        ingest([str(synth_dir)], url, shard_len=shard_len, progress=False)
+    assert not catalog.exists(url)

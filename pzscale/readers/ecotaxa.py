@@ -37,6 +37,7 @@ from pzscale.readers.base import Item, Reader, records
 from pzscale.readers.folder import check_member_name
 from pzscale.schema import instrument_family
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 ENCODINGS = ("utf-8", "iso-8859-1")  # EcoTaxa exports are UTF-8; older ZooProcess/UVP tables are Latin-1
 HEADER_BYTES = 65536  # enough for the header line of a 300-column table
 CHECKPOINT = 2_000  # data rows between recorded byte offsets: a late slice seeks instead of re-parsing
@@ -127,7 +128,7 @@ def is_zip(path: str) -> bool:
 
 def header_of(data: bytes) -> list[str]:
     """Column names on the first line of a TSV (names are ASCII, so the encoding does not matter here)."""
-    line = data.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0]
+    line = data.removeprefix(BOM).split(b"\n", 1)[0]
     return [c.strip() for c in line.decode("iso-8859-1").split("\t")]
 
 
@@ -311,6 +312,10 @@ def read_table(handle: IO[bytes], encoding: str, *, first: int = 0, stop: int | 
 def parse_tsv(handle: IO[bytes], encoding: str, **kw: Any) -> pd.DataFrame:
     """pandas' C parser on a TSV, all cells as text. ``index_col=False``: without it a first row with more
     cells than the header (trailing tabs) silently turns the leading columns into an index, shifting names."""
+    # A byte-order mark before Latin-1 content (spreadsheet tools write one) would decode as "ï»¿" glued to the
+    # first column's name, losing that column: skip it whatever the encoding is.
+    if handle.tell() == 0 and handle.read(len(BOM)) != BOM:
+        handle.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra empty cells it drops
         return pd.read_csv(handle, sep="\t", dtype=str, keep_default_na=False, encoding=encoding,

@@ -331,3 +331,22 @@ def test_parse_coordinate(text, expected):
 )
 def test_parse_time(date, time, expected):
     assert parse_time(date, time) == expected
+
+
+def test_a_byte_order_mark_before_latin1_content_keeps_the_first_column(sample_data, tmp_path):
+    """Spreadsheet tools write a UTF-8 byte-order mark even when they save Latin-1: with object_lat first,
+    the mark glued to its name used to lose every latitude without a flag."""
+    src = sample_data / SAMPLE_TSVS[0]
+    lines = [line.split("\t") for line in src.read_bytes().decode("utf-8").splitlines()]
+    first = lines[0].index("object_lat")
+    lines = [[cells[first], *cells[:first], *cells[first + 1:]] for cells in lines]
+    lines[-1][-1] += "é"  # Latin-1 below: not valid UTF-8
+    folder = tmp_path / "bom"
+    shutil.copytree(src.parent, folder)
+    table = folder / src.name
+    table.write_bytes(b"\xef\xbb\xbf" + "\n".join("\t".join(cells) for cells in lines).encode("iso-8859-1") + b"\n")
+    with pytest.raises(UnicodeDecodeError):
+        table.read_bytes().decode("utf-8")
+    rows, expected = read_all(table), csv_rows(src)
+    assert len(rows) == len(expected)
+    assert [r["Latitude"] for r in rows] == pytest.approx([float(e["object_lat"]) for e in expected])
