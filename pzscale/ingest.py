@@ -116,10 +116,16 @@ def make_plan(
     storage_options: dict | None = None,
 ) -> Plan:
     """Deterministic plan for ``sources``; its id depends on the inputs, not on where they land."""
-    names, items = [], []
+    names, items, seen = [], [], set()
     for path in sources:
         reader = readers.get(format) if format else readers.guess(str(path), storage_options=storage_options)
         for item in reader.plan(str(path), source=source, storage_options=storage_options):
+            # inputs are a set: a file named twice, or in a folder also named, or behind a symlink, is read once
+            key = (reader.name, _canonical(item.source), item.rows, item.size)
+            if key in seen:
+                log.warning("%s: reached twice among the inputs; read once", item.source)
+                continue
+            seen.add(key)
             names.append(reader.name)
             items.append(item)
     if not sum(i.rows for i in items):
@@ -129,6 +135,14 @@ def make_plan(
                           sort_keys=True, default=str).encode()
     return Plan(hashlib.sha256(identity).hexdigest()[:16], tuple(names), tuple(items), row_start, shard_len,
                 tuple(map(str, sources)))
+
+
+def _canonical(location: str) -> str:
+    """A local path with symlinks, ``.`` and ``..`` resolved; a URL as written."""
+    protocol = fsspec.utils.get_protocol(location)
+    if protocol in ("file", "local"):
+        return os.path.realpath(fsspec.utils.stringify_path(location).removeprefix("file://"))
+    return location
 
 
 # ---------------------------------------------------------------- records -> catalog variables
@@ -149,7 +163,8 @@ def _text(table: pa.Table, column: str) -> np.ndarray:
         as_int = pc.cast(pc.cast(pc.round(pc.if_else(whole, x, 0.0)), pa.int64()), pa.string())
         missing = pa.scalar(None, pa.string())
         col = pc.if_else(whole, as_int, pc.if_else(pc.is_nan(x), missing, pc.cast(x, pa.string())))
-    values = pc.fill_null(pc.cast(col, pa.string()), "")
+    # NFC: "é" typed as one code point or as e + combining accent is one label (and one path), not two
+    values = pc.utf8_normalize(pc.fill_null(pc.cast(col, pa.string()), ""), form="NFC")
     if column in ID_COLUMNS:  # KI-12: numeric ids written as floats ("12345.0"); keep them integral
         values = pc.replace_substring_regex(values, r"^(\d+)\.0$", r"\1")
     return values.to_numpy(zero_copy_only=False).astype(object)

@@ -217,3 +217,14 @@ def test_a_shard_length_that_cannot_be_is_refused_before_anything(synth_dir, tmp
     with pytest.raises(InputError, match=f"shard length {shard_len}: must be"):
         ingest([str(synth_dir)], url, shard_len=shard_len, progress=False)
     assert not catalog.exists(url)
+
+
+def test_inputs_are_a_set_a_file_reached_twice_is_read_once(synth_dir, client, tmp_path):
+    one_file = sorted(synth_dir.glob("*.parquet"))[0]
+    (tmp_path / "link").symlink_to(synth_dir)
+    url = str(tmp_path / "cat.zarr")
+    report = ingest([str(synth_dir), str(synth_dir), str(one_file), str(tmp_path / "link"),
+                     f"{synth_dir}/../{synth_dir.name}"], url, shard_len=SHARD_LEN, client=client, progress=False)
+    assert report.rows == (0, N_IMAGES)
+    ids = catalog.open_group(url)["image_id"][:]
+    assert len(set(ids)) == len(ids) == N_IMAGES

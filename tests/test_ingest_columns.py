@@ -111,3 +111,19 @@ def test_integer_columns_beyond_float_precision_are_read_not_refused():
     assert np.isnan(cols["lon"][0]) and np.isnan(cols["depth_max"][0])  # read, then range-checked
     assert cols["qc"][0] == "position_out_of_range;depth_out_of_range"
     assert cols["qc"][1] == ""
+
+
+def test_one_label_typed_two_unicode_ways_is_one_label():
+    import unicodedata
+
+    composed, decomposed = "Noctilucé", unicodedata.normalize("NFD", "Noctilucé")
+    assert composed != decomposed
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(), "path": p} for p in ("a.png", "b.png")],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "dataset": ["lab", "lab"], "original_label": [composed, decomposed],
+        "original_path": [f"{composed}/a.png", f"{decomposed}/b.png"],
+    })
+    cols = columns_from_table(table, row_names=["f.parquet#0", "f.parquet#1"])
+    assert list(cols["original_label"]) == [composed, composed]
+    assert list(cols["original_path"]) == [f"{composed}/a.png", f"{composed}/b.png"]
