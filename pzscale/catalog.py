@@ -233,7 +233,9 @@ def open_group(
     group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options, use_consolidated=False)
     try:
         meta = metadata(group)
-    except (KeyError, TypeError, ValueError):
+    except CatalogError as e:
+        raise CatalogError(f"{url}: {e}") from None
+    except KeyError:
         meta = None
     if not meta or meta.get("layout") != LAYOUT_VERSION:
         raise CatalogError(f"{url}: not a pzscale catalog of layout {LAYOUT_VERSION}")
@@ -261,7 +263,13 @@ def _checked_arrays(group: zarr.Group, where: str) -> dict[str, zarr.Array]:
 def metadata(group: zarr.Group) -> dict[str, Any]:
     """pzscale's record in the group attributes (JSON text; a mapping in catalogs written before)."""
     meta = group.attrs[ATTRS_KEY]
-    return json.loads(meta) if isinstance(meta, str) else dict(meta)
+    try:
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CatalogError(f"the group attribute {ATTRS_KEY!r} is not a JSON object: a damaged catalog")
+    return dict(meta)
 
 
 def update_metadata(group: zarr.Group, **changes: Any) -> None:

@@ -106,3 +106,18 @@ def test_bad_urls_and_layouts(tmp_path):
     group["lat"].resize((200,))
     with pytest.raises(CatalogError, match="array lat has shape"):
         catalog.open_group(url)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "not json", '["a list"]', 7])
+def test_a_damaged_group_attribute_is_one_line_not_a_traceback(tmp_path, value):
+    from typer.testing import CliRunner
+
+    from pzscale.cli import app
+
+    url = str(tmp_path / "c.zarr")
+    group = catalog.create(url, n_rows=10, shard_len=64)
+    group.attrs["pzscale"] = value
+    with pytest.raises(CatalogError, match="'pzscale' is not a JSON object: a damaged catalog"):
+        catalog.open_group(url)
+    result = CliRunner().invoke(app, ["info", url])
+    assert result.exit_code == 1 and result.output.startswith(f"error: {url}: the group attribute 'pzscale'")
