@@ -198,16 +198,17 @@ def _time(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return ms, unparsed
 
 
-def _bool(table: pa.Table, column: str) -> np.ndarray:
+def _bool(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Values (False when missing) and a mask of non-empty entries that are no yes/no ("maybe")."""
     if column not in table.column_names:
-        return np.zeros(table.num_rows, bool)
+        return np.zeros(table.num_rows, bool), np.zeros(table.num_rows, bool)
     col = table.column(column)
     if pa.types.is_boolean(col.type):
-        return pc.fill_null(col, False).to_numpy(zero_copy_only=False).astype(bool)
-    text = pc.utf8_lower(pc.cast(col, pa.string()))
-    return pc.fill_null(pc.is_in(text, pa.array(["true", "1", "yes"])), False).to_numpy(
-        zero_copy_only=False
-    ).astype(bool)
+        return pc.fill_null(col, False).to_numpy(zero_copy_only=False).astype(bool), np.zeros(len(col), bool)
+    text = pc.fill_null(pc.utf8_trim_whitespace(pc.utf8_lower(pc.cast(col, pa.string()))), "")
+    values = pc.is_in(text, pa.array(["true", "1", "yes", "1.0"])).to_numpy(zero_copy_only=False).astype(bool)
+    known = pc.is_in(text, pa.array(["true", "1", "yes", "1.0", "false", "0", "no", "0.0", ""]))
+    return values, ~known.to_numpy(zero_copy_only=False).astype(bool)
 
 
 EARLIEST = np.datetime64("1900-01-01", "ms").astype(np.int64)
@@ -253,10 +254,9 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
     flags, flag_names = [], []
     for name, col in NUMBER_FROM_PARQUET.items():
         out[name], unparsed = _number(table, col)
-        if name in ("lat", "lon", "depth_min", "depth_max"):
-            flags.append(unparsed)
-            flag_names.append(f"{name}_unparsed")
-        else:  # stored as float32: a value beyond its range (1e300, inf) would become inf
+        flags.append(unparsed)  # text that is no number: NaN, and said so
+        flag_names.append(f"{name}_unparsed")
+        if name not in ("lat", "lon", "depth_min", "depth_max"):  # stored as float32: 1e300, inf would be inf
             beyond = np.abs(out[name]) > np.finfo(np.float32).max
             out[name][beyond] = np.nan
             flags.append(beyond)
@@ -264,6 +264,9 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
     out["time"], unparsed_time = _time(table)
     flags.append(unparsed_time)
     flag_names.append("time_unparsed")
+    out["plankton"], unparsed_plankton = _bool(table, "plankton")
+    flags.append(unparsed_plankton)
+    flag_names.append("plankton_unparsed")
     normalise_metadata(out, flags, flag_names)
     from_reader = _text(table, "reader_qc")  # values a reader could not parse into numbers (EcoTaxa's "abc")
     out["qc"] = np.array([";".join(q for q in (r, own) if q) for r, own in zip(from_reader, out["qc"], strict=True)],
@@ -271,7 +274,6 @@ def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np
     for name in NUMBER_FROM_PARQUET:
         if name not in ("lat", "lon"):
             out[name] = out[name].astype("float32")
-    out["plankton"] = _bool(table, "plankton")
     aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce").to_numpy("float64", na_value=np.nan)
     whole = np.isfinite(aphia) & (aphia > 0) & (aphia < 2**53) & (aphia == np.round(aphia))  # else no id (0)
     out["aphia_id"] = np.where(whole, aphia, 0).astype(np.int64)

@@ -127,3 +127,16 @@ def test_one_label_typed_two_unicode_ways_is_one_label():
     cols = columns_from_table(table, row_names=["f.parquet#0", "f.parquet#1"])
     assert list(cols["original_label"]) == [composed, composed]
     assert list(cols["original_path"]) == [f"{composed}/a.png", f"{composed}/b.png"]
+
+
+def test_a_housing_humidity_or_plankton_flag_that_does_not_parse_is_flagged():
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(), "path": p} for p in ("a.png", "b.png", "c.png")],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "dataset": ["lab"] * 3, "Humidity": ["41.5", "damp", ""], "plankton": ["yes", "maybe", "False"],
+    })
+    cols = columns_from_table(table, row_names=["f#0", "f#1", "f#2"])
+    np.testing.assert_array_equal(cols["instrument_humidity"], np.array([41.5, np.nan, np.nan], np.float32))
+    assert list(cols["plankton"]) == [True, False, False]
+    assert cols["qc"][0] == "" and cols["qc"][2] == ""
+    assert set(cols["qc"][1].split(";")) == {"instrument_humidity_unparsed", "plankton_unparsed"}

@@ -268,6 +268,7 @@ def _planktonzilla_table(n: int, **columns: pa.Array) -> pa.Table:
                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     arrays = {name: pa.array([None] * n, pa.float64()) if name in NUMBER_COLUMNS else
               pa.array([f"{name}{i}" for i in range(n)]) for name in PARQUET_REQUIRED if name != "image"}
+    arrays["plankton"] = pa.array(["True", "False"] * (n // 2) + ["True"] * (n % 2))  # a yes/no column
     return pa.table({"image": image, **arrays, **columns})
 
 
