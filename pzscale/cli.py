@@ -2,82 +2,31 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from pzscale import catalog, info, tables
-from pzscale.errors import PzscaleError, one_line
+from pzscale import info, tables
+from pzscale.commandline import (
+    App,
+    CatalogOpt,
+    MinProbOpt,
+    ModelOpt,
+    PrecisionOpt,
+    SchedulerOpt,
+    StorageOpt,
+    TaxonModelOpt,
+    WorkersOpt,
+    check_inputs,
+    configure_logging,
+    start_client,
+    storage_options_of,
+)
 
-log = logging.getLogger("pzscale")
-
-# the extra that installs each optional package (a missing one is named with the command to run)
-_EXTRAS = {"sklearn": "ml", "torch": "ml", "torchvision": "ml", "kornia": "ml", "open_clip": "ml", "timm": "ml",
-           "safetensors": "ml", "s3fs": "s3", "cartopy": "maps", "dask_kubernetes": "k8s", "dask_gateway": "k8s",
-           "dask_cuda": "gpu"}
-
-
-def _one_line(error: BaseException) -> str:
-    """What went wrong and what to do, on one line, for the errors a person can act on."""
-    if isinstance(error, PzscaleError):
-        return str(error)
-    if isinstance(error, ModuleNotFoundError):
-        module = (error.name or "").split(".")[0]
-        extra = _EXTRAS.get(module)
-        fix = f"pip install 'pzscale[{extra}]'" if extra else f"pip install {module}"
-        return f"this command needs the Python package {module!r}, which is not installed: {fix}"
-    if isinstance(error, OSError) and error.filename:
-        return f"{error.filename}: {error.strerror or one_line(error)}"
-    return f"{type(error).__name__}: {one_line(error)} (run with -v for the traceback)"
-
-
-class _App(typer.Typer):
-    """Typer whose commands all end an error the same way: one line on stderr naming what is wrong,
-    exit status 1 (with ``-v``, unexpected errors keep their traceback)."""
-
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
-        register = super().command(*args, **kwargs)
-
-        def decorator(fn: Callable) -> Callable:
-            @functools.wraps(fn)
-            def one_line_errors(*a: Any, **k: Any) -> Any:
-                try:
-                    return fn(*a, **k)
-                except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
-                    raise  # usage errors (exit status 2) and exits are click's to report
-                except Exception as e:
-                    known = isinstance(e, PzscaleError | ModuleNotFoundError) or (
-                        isinstance(e, OSError) and e.filename)
-                    if not known and log.isEnabledFor(logging.DEBUG):
-                        raise
-                    typer.echo(f"error: {_one_line(e)}", err=True)
-                    raise typer.Exit(1) from None
-
-            return register(one_line_errors)
-
-        return decorator
-
-
-app = _App(add_completion=False, no_args_is_help=True)  # its help is main's docstring
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Log lines to whatever ``sys.stderr`` is when they are written (a test runner swaps it)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
+app = App(add_completion=False, no_args_is_help=True)  # its help is main's docstring
 
 
 def _version(value: bool) -> None:
@@ -100,35 +49,7 @@ def main(
     (--storage-options), DASK_SCHEDULER_ADDRESS (--scheduler). Progress is a bar on a terminal and a
     log line every PZSCALE_PROGRESS_SECONDS (30) elsewhere.
     """
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    logging.getLogger("distributed").setLevel(logging.INFO if verbose > 1 else logging.WARNING)
-
-
-CatalogOpt = Annotated[str, typer.Option("--catalog", "-c", envvar="PZSCALE_CATALOG",
-                                         help="catalog URL: a path or s3://bucket/x.zarr")]
-StorageOpt = Annotated[str | None, typer.Option(
-    "--storage-options", envvar="PZSCALE_STORAGE_OPTIONS",
-    help="fsspec storage options as JSON (credentials: use the environment)")]
-SchedulerOpt = Annotated[str | None, typer.Option(
-    "--scheduler", help="address of a running Dask scheduler; default: DASK_SCHEDULER_ADDRESS, else a local cluster")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="local worker processes (default: cores)")]
-
-
-def _storage_options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"--storage-options is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise typer.BadParameter("--storage-options must be a JSON object")
-    return value
+    configure_logging(verbose, quiet)
 
 
 @app.command()
@@ -175,9 +96,9 @@ def ingest(
     """Ingest images and their metadata into a catalog (resumable: rerun to continue)."""
     from pzscale.ingest import ingest as run
 
-    so = _storage_options(storage_options)
-    _check(catalog_url, so, sources=sources, new_catalog=not append)
-    with _client(scheduler, workers) as client:
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so, sources=sources, new_catalog=not append)
+    with start_client(scheduler, workers) as client:
         report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
                      taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
                      storage_options=so)
@@ -194,7 +115,7 @@ def unlock(
     itself; one held from another host needs this)."""
     from pzscale.ingest import read_lock, remove_lock
 
-    so = _storage_options(storage_options)
+    so = storage_options_of(storage_options)
     holder = read_lock(catalog_url, storage_options=so)
     if holder is None:
         typer.echo(f"{catalog_url}: not locked")
@@ -219,7 +140,7 @@ def readers_cmd() -> None:
             typer.echo(f"{name:12s} (cannot load: {e})")
 
 
-taxonomy_app = typer.Typer(help="Taxonomy harmonisation.", no_args_is_help=True)
+taxonomy_app = App(help="Taxonomy harmonisation.", no_args_is_help=True)
 app.add_typer(taxonomy_app, name="taxonomy")
 
 
@@ -233,7 +154,7 @@ def taxonomy_report(
     """Unmapped (source, raw label) pairs with counts, and raw labels mapped to different lineages."""
     from pzscale import taxonomy as tax
 
-    so = _storage_options(storage_options)
+    so = storage_options_of(storage_options)
     pairs = tax.catalog_mappings(info.label_mappings(catalog_url, storage_options=so))
     table_df = tax.read_table(table, storage_options=so) if table else None
     unmapped = tax.unmapped(pairs, table_df)
@@ -250,47 +171,6 @@ def taxonomy_report(
         typer.echo(f"\nwrote {out / 'unmapped.csv'} and {out / 'conflicts.csv'}")
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model directory (model_card.json + weights)")]
-PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16/fp16 under autocast (GPU)")]
-
-
-def _client(scheduler: str | None, workers: int | None):
-    """The Dask client of a command, started after its arguments are checked (``_check``)."""
-    from pzscale.cluster import connect, describe
-
-    client = connect(scheduler, n_workers=workers, quiet=True)
-    log.info(describe(client))
-    return client
-
-
-def _check(catalog_url: str | None = None, storage_options: dict | None = None, *, model: str | None = None,
-           sources: list[str] | None = None, new_catalog: bool = False,
-           grid: tuple[str, list[str], dict | None] | None = None) -> None:
-    """The checks that take no cluster, made before one starts: a usage error costs no cluster start-up."""
-    import fsspec
-
-    if catalog_url is not None:
-        catalog.check_url(catalog_url)
-        if not new_catalog and not catalog.exists(catalog_url, storage_options=storage_options):
-            raise PzscaleError(f"{catalog_url}: no catalog here (no zarr.json); create one with `pzscale ingest`")
-    if model is not None:
-        from pzscale.ml.models import ModelCard
-
-        ModelCard.load(model)
-    for source in sources or ():
-        fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-        if not fs.exists(path):
-            raise PzscaleError(f"{source}: no such file or folder")
-    if grid is not None:
-        from pzscale import grids
-        from pzscale.env import parse_variables
-
-        path, variables, grid_so = grid
-        with grids.opened(path, storage_options=grid_so) as ds:
-            for var in parse_variables(variables).values():
-                grids.resolve_variable(ds, var, where=grids.redact(path))
-
-
 @app.command()
 def split(
     catalog_url: CatalogOpt,
@@ -302,7 +182,7 @@ def split(
     from pzscale.split import assign_splits
 
     counts = assign_splits(catalog_url, seed=seed, unseen_sources=tuple(unseen or ()),
-                           storage_options=_storage_options(storage_options))
+                           storage_options=storage_options_of(storage_options))
     typer.echo("split: " + ", ".join(f"{k or 'unlabelled'} {v:,}" for k, v in sorted(counts.items())))
 
 
@@ -327,7 +207,7 @@ def train(
     from pzscale.clip_train import train_clip
     from pzscale.train import train as fit
 
-    so = _storage_options(storage_options)
+    so = storage_options_of(storage_options)
     if objective == "clip":
         card = train_clip(catalog_url, str(out), name=name or "pzscale-clip", version=version, init_dir=backbone,
                           epochs=epochs, image_size=None if backbone else image_size, seed=seed,
@@ -352,9 +232,9 @@ def embed(
     """Store float16 image embeddings of a model in the catalog (resumable, incremental)."""
     from pzscale.embed import embed as run
 
-    so = _storage_options(storage_options)
-    _check(catalog_url, so, model=model)
-    with _client(scheduler, workers) as client:
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so, model=model)
+    with start_client(scheduler, workers) as client:
         report = run(catalog_url, model, client=client, batch_size=batch_size, tta=tta, precision=precision,
                      storage_options=so)
     typer.echo(str(report))
@@ -375,9 +255,9 @@ def classify(
     """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
     from pzscale.classify import classify as run
 
-    so = _storage_options(storage_options)
-    _check(catalog_url, so, model=model)
-    with _client(scheduler, workers) as client:
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so, model=model)
+    with start_client(scheduler, workers) as client:
         report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
                      precision=precision, storage_options=so)
     typer.echo(str(report))
@@ -401,7 +281,7 @@ def evaluate(
     from pzscale.ml.models import ModelCard
 
     table = run(catalog_url, ModelCard.load(model).id, split=split_name,
-                storage_options=_storage_options(storage_options))
+                storage_options=storage_options_of(storage_options))
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
@@ -430,9 +310,9 @@ def dedup_cmd(
 
     options = {k: v for k, v in (("near_threshold", threshold), ("near_similarity", similarity), ("eps", eps))
                if v is not None}
-    so = _storage_options(storage_options)
-    _check(catalog_url, so)
-    with _client(scheduler, workers) as client:
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    with start_client(scheduler, workers) as client:
         report = stage.dedup(catalog_url, methods=method, bands=bands, embedding=embedding, n_clusters=clusters,
                              client=client, storage_options=so, **options)
     typer.echo(str(report))
@@ -451,7 +331,7 @@ def dedup_report_cmd(
 
     readers = {"pairs": stage.duplicate_pairs, "cross-source": stage.cross_source_pairs,
                "leakage": stage.leakage_report}
-    so = _storage_options(storage_options)
+    so = storage_options_of(storage_options)
     if kind == "histogram":
         table = stage.similarity_histogram(catalog_url, storage_options=so)
     elif kind in readers:
@@ -466,11 +346,6 @@ def dedup_report_cmd(
 
 
 # ---- env / abundance / export commands (issue 6): insert below this line ----
-
-TaxonModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="use this model id's predictions (pred__<id>__*) instead of the catalog's annotations")]
-MinProbOpt = Annotated[float, typer.Option(help="with --model: the least probability a prediction needs")]
-
 
 @app.command("env")
 def env_cmd(
@@ -502,9 +377,9 @@ def env_cmd(
     options = JoinOptions(lat_tolerance=lat_tolerance, lon_tolerance=lon_tolerance, depth=depth_mode,
                           depth_tolerance=depth_tolerance, time=time_mode,
                           time_tolerance_days=time_tolerance_days, land_fill_km=land_fill_km, celsius=not kelvin)
-    so, grid_so = _storage_options(storage_options), _storage_options(grid_storage_options)
-    _check(catalog_url, so, grid=(grid, var, grid_so))
-    with _client(scheduler, workers) as client:
+    so, grid_so = storage_options_of(storage_options), storage_options_of(grid_storage_options)
+    check_inputs(catalog_url, so, grid=(grid, var, grid_so))
+    with start_client(scheduler, workers) as client:
         report = run(catalog_url, grid, var, options=options, client=client, storage_options=so,
                      grid_storage_options=grid_so, overwrite=overwrite)
     typer.echo(str(report))
@@ -529,9 +404,9 @@ def abundance_cmd(
     from pzscale.abundance import abundance as run
     from pzscale.abundance import plot_map
 
-    so = _storage_options(storage_options)
-    _check(catalog_url, so)
-    with _client(scheduler, workers):  # --out on object storage uses the catalog's storage options
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    with start_client(scheduler, workers):  # --out on object storage uses the catalog's storage options
         ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
                  out=out, storage_options=so, out_storage_options=so)
     if png:
@@ -541,7 +416,7 @@ def abundance_cmd(
                + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
 
 
-export_app = typer.Typer(help="Export the catalog for other systems.", no_args_is_help=True)
+export_app = App(help="Export the catalog for other systems.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
@@ -558,9 +433,9 @@ def export_dwc_cmd(
     """Darwin Core occurrence CSV for OBIS/GBIF: one row per identified image."""
     from pzscale.dwc import export_dwc
 
-    so = _storage_options(storage_options)
-    _check(catalog_url, so)
-    with _client(scheduler, workers):
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    with start_client(scheduler, workers):
         result = export_dwc(catalog_url, out, model=model, min_prob=min_prob, storage_options=so,
                             out_storage_options=so)
     typer.echo(f"wrote {result['rows']:,} occurrences to {result['path']}")
@@ -597,9 +472,9 @@ def compare_cmd(
     from pzscale.split import PAPER_UNSEEN_SOURCES
 
     sources = [*(unseen or ()), *(PAPER_UNSEEN_SOURCES if paper_split else ())]
-    so = _storage_options(storage_options)
-    _check(catalog_url, so)
-    with _client(scheduler, workers) as client:
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    with start_client(scheduler, workers) as client:
         run(catalog_url, out, models=model or (), train_objectives=train_objective or (),
             unseen_sources=sources if sources else None, dedup=dedup, split_seed=seed, epochs=epochs,
             batch_size=batch_size, client=client, storage_options=so,
@@ -615,7 +490,7 @@ def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL", envvar="PZSC
              storage_options: StorageOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Rows, sources, label coverage, status counts and stages done per shard."""
-    summary = info.summarize(url, storage_options=_storage_options(storage_options))
+    summary = info.summarize(url, storage_options=storage_options_of(storage_options))
     typer.echo(json.dumps(summary, indent=1) if as_json else info.format_summary(summary))
 
 

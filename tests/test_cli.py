@@ -110,3 +110,11 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(tmp_path):
     assert result.returncode == 1
     assert result.stderr == ("error: this command needs the Python package 'sklearn', which is not installed: "
                              "pip install 'pzscale[ml]'\n")
+
+
+def test_subcommand_groups_end_errors_in_one_line_too(tmp_path):
+    for args in (["taxonomy", "report", "-c", str(tmp_path / "none.zarr")],
+                 ["export", "dwc", "-c", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "o.csv")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and result.output.startswith("error: ") and "no catalog here" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
