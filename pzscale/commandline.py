@@ -126,12 +126,15 @@ def start_client(scheduler: str | None, workers: int | None):
 def check_inputs(catalog_url: str | None = None, storage_options: dict | None = None, *, model: str | None = None,
            sources: list[str] | None = None, new_catalog: bool = False,
            grid: tuple[str, list[str], dict | None] | None = None) -> None:
-    """The checks that take no cluster, made before one starts: a usage error costs no cluster start-up."""
+    """The checks that take no cluster, made before one starts: a usage error costs no cluster start-up.
+    Storage requests are retried like every other (a throttled or dropped request is no usage error)."""
     import fsspec
+
+    from pzscale.stage import retry
 
     if catalog_url is not None:
         catalog.check_url(catalog_url)
-        if not new_catalog and not catalog.exists(catalog_url, storage_options=storage_options):
+        if not new_catalog and not retry(catalog.exists, catalog_url, storage_options=storage_options):
             raise PzscaleError(f"{catalog_url}: no catalog here (no zarr.json); create one with `pzscale ingest`")
     if model is not None:
         from pzscale.ml.models import ModelCard
@@ -139,7 +142,7 @@ def check_inputs(catalog_url: str | None = None, storage_options: dict | None = 
         ModelCard.load(model)
     for source in sources or ():
         fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-        if not fs.exists(path):
+        if not retry(fs.exists, path):
             raise PzscaleError(f"{source}: no such file or folder")
     if grid is not None:
         from pzscale import grids

@@ -158,3 +158,11 @@ def test_the_cli_takes_faulty_urls_for_the_same_drill(small_synth, small_clean, 
     assert_same_catalog(small_clean[0], url, log, tally)
     counts = np.unique(catalog.open_group(str(tmp_path / "cat.zarr"))["status"][:], return_counts=True)
     assert dict(zip(*counts, strict=True)) == small_clean[1].status
+
+
+def test_the_command_line_checks_retry_storage_faults(small_clean, small_synth, tmp_path, fast_backoff):
+    """Every request of the checks made before a cluster starts fails once: none is taken for a usage error."""
+    from pzscale.commandline import check_inputs
+
+    so = {**faults_in(tmp_path / "faults"), "fail_rate": 1.0}
+    check_inputs(faulty(Path(small_clean[0])), so, sources=[faulty(small_synth)])
