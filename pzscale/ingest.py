@@ -83,6 +83,10 @@ class Plan:
     def errors(self) -> list[str]:
         return [i.error for i in self.items if i.error]
 
+    @property
+    def notes(self) -> list[str]:
+        return [note for i in self.items for note in i.notes]
+
     def to_dict(self) -> dict:
         return {"id": self.id, "readers": list(self.readers), "items": [asdict(i) for i in self.items],
                 "row_start": self.row_start, "shard_len": self.shard_len, "sources": list(self.sources)}
@@ -480,7 +484,7 @@ def _plan_record(plan: Plan) -> dict:
     return {
         "id": plan.id, "row_start": plan.row_start, "row_stop": plan.row_stop, "shard_len": plan.shard_len,
         "sources": list(plan.sources), "readers": sorted(set(plan.readers)), "items": len(plan.items),
-        "input_errors": len(plan.errors), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input_errors": len(plan.errors), "input_notes": len(plan.notes), "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "pzscale": version("pzscale"),
     }
 
@@ -544,4 +548,5 @@ def ingest(
                                                                        segments[t.shard]["segments"]})
              for t in tasks]
     return run_stage(plan.stage, ingest_shard, tasks, catalog=cat, client=client, skipped=skipped,
-                     progress_bar=progress, rows=(plan.row_start, plan.row_stop), input_errors=plan.errors)
+                     progress_bar=progress, rows=(plan.row_start, plan.row_stop), input_errors=plan.errors,
+                     input_notes=plan.notes)

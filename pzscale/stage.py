@@ -179,6 +179,7 @@ class StageReport:
     rows: tuple[int, int] = (0, 0)
     status: dict[str, int] = field(default_factory=dict)
     input_errors: list[str] = field(default_factory=list)
+    input_notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -191,6 +192,7 @@ class StageReport:
         if self.status:
             lines.append(f"  status: {', '.join(f'{k}={v}' for k, v in sorted(self.status.items()))}")
         lines += [f"  SKIPPED INPUT {e}" for e in self.input_errors]
+        lines += [f"  NOTE {n}" for n in self.input_notes]
         return "\n".join(lines + [f"  FAILED {f}" for f in self.failures])
 
 
@@ -255,6 +257,7 @@ def run_stage(
     resources: dict | None = None,
     rows: tuple[int, int] | None = None,
     input_errors: list[str] | None = None,
+    input_notes: list[str] | None = None,
 ) -> StageReport:
     """Run ``fn`` on every task (one Dask task per shard; in this process when there is no client,
     for light stages) and report; raises StageError naming the failed shards (finished shards stay
@@ -267,7 +270,8 @@ def run_stage(
         status.update(result["status"])
     report = StageReport(stage, catalog.url, len(tasks) + skipped, skipped, len(run.results), run.images,
                          run.seconds, [f"shard {t.shard}: {m}" for t, m in run.failures],
-                         rows=rows or (0, catalog.n_rows), status=dict(status), input_errors=input_errors or [])
+                         rows=rows or (0, catalog.n_rows), status=dict(status), input_errors=input_errors or [],
+                         input_notes=input_notes or [])
     if run.failures:
         raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
     return report

@@ -65,6 +65,8 @@ class Item:
     ``info`` holds whatever ``read`` needs again (JSON-serialisable: it travels to workers
     and into the catalog's plan record). ``error`` marks an item that cannot be read at
     all (an empty or partial IFCB bin...): it has ``rows == 0`` and is reported, not fatal.
+``notes`` are what the ingest report should tell of an item that is read (files of a folder
+skipped and why, a header that disagrees with the data), one line each, naming the file.
     """
 
     source: str  # path or URL of the item: what errors and the report name
@@ -72,6 +74,7 @@ class Item:
     size: int
     info: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    notes: list[str] = field(default_factory=list)  # what the report should say of a readable item
 
 
 class Reader:
