@@ -89,19 +89,25 @@ def ingest(
         help="use this Dataset's rows of the taxonomy table for every image (e.g. global_uvp5)")] = None,
     shard_len: Annotated[int | None, typer.Option(help="rows per shard (new catalogs; default 16384)")] = None,
     append: Annotated[bool, typer.Option(help="add these sources to an existing catalog")] = False,
+    duplicate_ids: Annotated[str, typer.Option(
+        help="rows whose image id another input or catalog row has: flag (keep, QC flag duplicate_image_id), "
+             "suffix (~2, ~3 ... on later rows) or refuse (write nothing)")] = "flag",
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
     """Ingest images and their metadata into a catalog (resumable: rerun to continue)."""
+    from pzscale.ids import POLICIES
     from pzscale.ingest import ingest as run
 
+    if duplicate_ids not in POLICIES:
+        raise typer.BadParameter(f"--duplicate-ids must be one of {', '.join(POLICIES)}, not {duplicate_ids!r}")
     so = storage_options_of(storage_options)
     check_inputs(catalog_url, so, sources=sources, new_catalog=not append)
     with start_client(scheduler, workers) as client:
         report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
                      taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
-                     storage_options=so)
+                     storage_options=so, duplicate_ids=duplicate_ids)
     typer.echo(str(report))
 
 

@@ -20,35 +20,33 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.metadata import version
 
 import fsspec
 import numpy as np
-import pandas as pd
 import psutil
-import pyarrow as pa
-import pyarrow.compute as pc
 from distributed import Client
 
-from pzscale import catalog, images, readers, taxonomy
-from pzscale.errors import CatalogError, InputError, StageError, one_line
+from pzscale import catalog, ids, readers, records, taxonomy
+from pzscale.errors import CatalogError, InputError, PzscaleError, StageError, one_line
+from pzscale.faults import is_transient
 from pzscale.limits import Limits, using
 from pzscale.readers.base import Item
-from pzscale.schema import (
-    NUMBER_FROM_PARQUET,
-    RANKS,
-    STATUS_DECODE_ERROR,
-    STATUS_MISSING_IMAGE,
-    STATUS_OK,
-    TEXT_FROM_PARQUET,
-    TIME_FILL,
-    instrument_of,
-    lineage,
+from pzscale.records import columns_from_table
+from pzscale.stage import (
+    Catalog,
+    ShardResult,
+    ShardTask,
+    StageReport,
+    map_shards,
+    pending,
+    require_client,
+    retry,
+    run_stage,
 )
-from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, require_client, retry, run_stage
 
 log = logging.getLogger("pzscale")
 
@@ -149,176 +147,6 @@ def _canonical(location: str) -> str:
     return location
 
 
-# ---------------------------------------------------------------- records -> catalog variables
-
-
-ID_COLUMNS = ("ObjID", "aphia_ID", "NCBI_ID", "BOLD_ID")
-
-
-def _text(table: pa.Table, column: str) -> np.ndarray:
-    if column not in table.column_names:
-        return np.full(table.num_rows, "", dtype=object)
-    col = table.column(column)
-    if pa.types.is_floating(col.type):
-        # Text written as floats: whole numbers (ids, KI-12) as integers, NaN as missing, the rest (inf,
-        # 1e300) as written; float64 first, as pyarrow has no round kernel for float16.
-        x = pc.cast(col, pa.float64())
-        whole = pc.and_(pc.is_finite(x), pc.less(pc.abs(x), 2.0**53))
-        as_int = pc.cast(pc.cast(pc.round(pc.if_else(whole, x, 0.0)), pa.int64()), pa.string())
-        missing = pa.scalar(None, pa.string())
-        col = pc.if_else(whole, as_int, pc.if_else(pc.is_nan(x), missing, pc.cast(x, pa.string())))
-    # NFC: "é" typed as one code point or as e + combining accent is one label (and one path), not two
-    values = pc.utf8_normalize(pc.fill_null(pc.cast(col, pa.string()), ""), form="NFC")
-    if column in ID_COLUMNS:  # KI-12: numeric ids written as floats ("12345.0"); keep them integral
-        values = pc.replace_substring_regex(values, r"^(\d+)\.0$", r"\1")
-    return values.to_numpy(zero_copy_only=False).astype(object)
-
-
-def _number(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Values as float64 and a mask of non-empty entries that did not parse as numbers."""
-    if column not in table.column_names:
-        return np.full(table.num_rows, np.nan), np.zeros(table.num_rows, bool)
-    col = table.column(column)
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):  # nothing to parse: no text to check
-        # unsafe: an integer beyond 2**53 becomes the nearest float (as pandas would), not an error
-        values = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False).astype(np.float64)
-        return values, np.zeros(len(col), bool)
-    raw = col.to_pandas()
-    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype="float64", na_value=np.nan, copy=True)
-    given = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
-    return values, given & np.isnan(values)
-
-
-def _time(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    if "timestamp" not in table.column_names:
-        return np.full(table.num_rows, TIME_FILL, dtype=np.int64), np.zeros(table.num_rows, bool)
-    # as text whatever the column's type: pandas parses text to UTC, but leaves e.g. booleans tz-naive
-    col = pc.cast(table.column("timestamp"), pa.string()).to_pandas()
-    times = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
-    ms = times.dt.tz_convert(None).to_numpy().astype("datetime64[ms]").astype(np.int64)
-    missing = times.isna().to_numpy()
-    ms[missing] = TIME_FILL
-    unparsed = missing & col.notna().to_numpy() & (col.astype(str).str.strip() != "").to_numpy()
-    return ms, unparsed
-
-
-def _bool(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Values (False when missing) and a mask of non-empty entries that are no yes/no ("maybe")."""
-    if column not in table.column_names:
-        return np.zeros(table.num_rows, bool), np.zeros(table.num_rows, bool)
-    col = table.column(column)
-    if pa.types.is_boolean(col.type):
-        return pc.fill_null(col, False).to_numpy(zero_copy_only=False).astype(bool), np.zeros(len(col), bool)
-    text = pc.fill_null(pc.utf8_trim_whitespace(pc.utf8_lower(pc.cast(col, pa.string()))), "")
-    values = pc.is_in(text, pa.array(["true", "1", "yes", "1.0"])).to_numpy(zero_copy_only=False).astype(bool)
-    known = pc.is_in(text, pa.array(["true", "1", "yes", "1.0", "false", "0", "no", "0.0", ""]))
-    return values, ~known.to_numpy(zero_copy_only=False).astype(bool)
-
-
-EARLIEST = np.datetime64("1900-01-01", "ms").astype(np.int64)
-
-
-def normalise_metadata(out: dict[str, np.ndarray], flags: list[np.ndarray], names: list[str]) -> None:
-    """Positions in decimal degrees, depths in metres, times in UTC; impossible values become
-    NaN/NaT and get a QC flag in ``qc``, never silently kept."""
-    lat, lon = out["lat"], out["lon"]
-    lon[(lon > 180) & (lon <= 360)] -= 360  # 0..360 convention -> -180..180 (a convention, not an error)
-    bad_position = ~np.isfinite(lat) & ~np.isnan(lat) | ~np.isfinite(lon) & ~np.isnan(lon)
-    bad_position |= (np.abs(lat) > 90) | (np.abs(lon) > 180)
-    lat[bad_position] = lon[bad_position] = np.nan
-    flags.append(bad_position)
-    names.append("position_out_of_range")
-    dmin, dmax = out["depth_min"], out["depth_max"]
-    # Above 10 m over the sea surface or below the deepest trench is not a sampling depth.
-    bad_depth = (dmin < -10) | (dmax < -10) | (dmin > 11000) | (dmax > 11000) | (dmin > dmax)
-    bad_depth |= np.isinf(dmin) | np.isinf(dmax)
-    dmin[bad_depth] = dmax[bad_depth] = np.nan
-    flags.append(bad_depth)
-    names.append("depth_out_of_range")
-    t = out["time"]
-    now = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "ms").astype(np.int64) + 86_400_000
-    bad_time = (t != TIME_FILL) & ((t < EARLIEST) | (t > now))
-    t[bad_time] = TIME_FILL
-    flags.append(bad_time)
-    names.append("time_out_of_range")
-    qc = np.full(len(lat), "", dtype=object)
-    for flag, name in zip(flags, names, strict=True):
-        for i in np.flatnonzero(flag):
-            qc[i] = f"{qc[i]};{name}" if qc[i] else name
-    out["qc"] = qc
-
-
-def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np.ndarray]:
-    """Catalog variables for a records table (any reader), including per-row decode status and QC.
-
-    ``row_names`` ("<input>#<row>") is the image id of last resort.
-    """
-    n = table.num_rows
-    out: dict[str, np.ndarray] = {name: _text(table, col) for name, col in TEXT_FROM_PARQUET.items()}
-    flags, flag_names = [], []
-    for name, col in NUMBER_FROM_PARQUET.items():
-        out[name], unparsed = _number(table, col)
-        flags.append(unparsed)  # text that is no number: NaN, and said so
-        flag_names.append(f"{name}_unparsed")
-        if name not in ("lat", "lon", "depth_min", "depth_max"):  # stored as float32: 1e300, inf would be inf
-            beyond = np.abs(out[name]) > np.finfo(np.float32).max
-            out[name][beyond] = np.nan
-            flags.append(beyond)
-            flag_names.append(f"{name}_out_of_range")
-    out["time"], unparsed_time = _time(table)
-    flags.append(unparsed_time)
-    flag_names.append("time_unparsed")
-    out["plankton"], unparsed_plankton = _bool(table, "plankton")
-    flags.append(unparsed_plankton)
-    flag_names.append("plankton_unparsed")
-    normalise_metadata(out, flags, flag_names)
-    from_reader = _text(table, "reader_qc")  # values a reader could not parse into numbers (EcoTaxa's "abc")
-    out["qc"] = np.array([";".join(q for q in (r, own) if q) for r, own in zip(from_reader, out["qc"], strict=True)],
-                         dtype=object)
-    for name in NUMBER_FROM_PARQUET:
-        if name not in ("lat", "lon"):
-            out[name] = out[name].astype("float32")
-    aphia = pd.to_numeric(pd.Series(_text(table, "aphia_ID")), errors="coerce").to_numpy("float64", na_value=np.nan)
-    whole = np.isfinite(aphia) & (aphia > 0) & (aphia < 2**53) & (aphia == np.round(aphia))  # else no id (0)
-    out["aphia_id"] = np.where(whole, aphia, 0).astype(np.int64)
-    # a shard holds few distinct rank tuples and sources: each is worked out once
-    rank_rows = list(zip(*(out[r] for r in RANKS), strict=True))
-    lineages = {ranks: lineage(ranks) for ranks in set(rank_rows)}
-    out["lineage"] = np.array([lineages[ranks] for ranks in rank_rows], dtype=object)
-    given = _text(table, "lineage")  # sources with a lineage text but no ranks (WebDataset)
-    use_given = (out["lineage"] == "") & (given != "")
-    out["lineage"][use_given] = [" ".join(g.lower().split()) for g in given[use_given]]
-    known = _text(table, "instrument")  # the reader's word first, else the source name's
-    families = {s: instrument_of(s) for s in set(out["source"])}
-    out["instrument"] = np.array([k or families[s] for k, s in zip(known, out["source"], strict=True)], dtype=object)
-    out["image_id"] = np.array(
-        [
-            f"{src}:{obj or os.path.basename(path) or fallback}"
-            for src, obj, path, fallback in zip(
-                out["source"], out["object_id"], out["original_path"], row_names, strict=True
-            )
-        ],
-        dtype=object,
-    )
-    encoded = table.column("image").combine_chunks().field("bytes").to_pylist()
-    why_missing = _text(table, "image_error")  # a reader's reason for not reading an image (unsafe path...)
-    height, width = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    mode, status, error = (np.full(n, "", dtype=object) for _ in range(3))
-    for i, data in enumerate(encoded):
-        if not data:
-            status[i], error[i], encoded[i] = STATUS_MISSING_IMAGE, why_missing[i] or "no image bytes", b""
-            continue
-        try:
-            height[i], width[i], mode[i] = images.probe(data)
-            status[i] = STATUS_OK
-        except Exception as e:  # noqa: BLE001 - any decoder failure is this row's status
-            status[i], error[i] = STATUS_DECODE_ERROR, f"{type(e).__name__}: {one_line(e)}"
-    image_bytes = np.empty(n, dtype=object)
-    image_bytes[:] = encoded
-    out.update(height=height, width=width, mode=mode, status=status, error=error, image_bytes=image_bytes)
-    return out
-
-
 # ---------------------------------------------------------------- one shard (runs on a worker)
 
 
@@ -337,23 +165,133 @@ def ingest_shard(task: ShardTask) -> ShardResult:
 def _ingest_shard(task: ShardTask) -> ShardResult:
     cat, p = task.catalog, task.params
     plan = _stored_plan(cat, p["plan"])
-    tables, row_names = [], []
-    for index, first, stop in p["segments"]:
-        item = plan.items[index]
-        tables.append(readers.get(plan.readers[index]).read(item, first, stop, storage_options=cat.options))
-        name = os.path.basename(item.source.rstrip("/"))
-        row_names += [f"{name}#{r}" for r in range(first, stop)]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    columns = columns_from_table(table, row_names=row_names)
+    # each input file's rows become catalog types on their own: a shard may hold files whose columns differ
+    parts = [_read_segment(plan.readers[index], plan.items[index], first, stop, cat.options)
+             for index, first, stop in p["segments"]]
+    columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     if p["taxonomy"]:
         so_key = json.dumps(cat.options, sort_keys=True) if cat.options else ""
         taxonomy.apply(taxonomy.cached_table(p["taxonomy"], so_key), columns, table_source=p["taxonomy_source"])
+    duplicate_rows, before = (np.asarray(a, dtype=np.int64) for a in p.get("duplicates", ([], [])))
+    ids.apply_policy(columns["image_id"], columns["qc"], duplicate_rows - task.row_from, before, p["duplicate_ids"])
     # a shard that begins with rows of an earlier collection (append) rewrites them unchanged
     columns = catalog.with_stored_rows(cat.group("r+"), task.start, task.row_from, columns)
     catalog.write_rows(cat.group("r+"), task.start, task.stop, columns)
     counts = dict(Counter(columns["status"][task.row_from - task.start :]))
     return ShardResult(task.new_rows, {task.stage: {"rows": [task.row_from, task.stop], "plan": p["plan"],
                                                     "status": counts}}, status=counts)
+
+
+def _read_segment(reader_name: str, item: Item, first: int, stop: int, so: dict | None) -> dict[str, np.ndarray]:
+    """Rows [first, stop) of one input as catalog variables. Bad values are row data (QC flags, status);
+    anything else that fails is a bug or a storage fault, raised naming the input and its first failing row."""
+    reader = readers.get(reader_name)
+    try:
+        return columns_from_table(reader.read(item, first, stop, storage_options=so),
+                                  row_names=records.row_names(item.source, first, stop))
+    except Exception as e:
+        if is_transient(e) or isinstance(e, PzscaleError):
+            raise
+        row = _first_failing_row(reader, item, first, stop, so)
+        raise StageError(f"{item.source} row {row}: {type(e).__name__}: {one_line(e)}") from e
+
+
+def _first_failing_row(reader: readers.Reader, item: Item, first: int, stop: int, so: dict | None) -> str:
+    for row in range(first, stop):  # only after a failure: one row at a time
+        try:
+            columns_from_table(reader.read(item, row, row + 1, storage_options=so),
+                               row_names=records.row_names(item.source, row, row + 1))
+        except Exception:  # noqa: BLE001 - looking for the row, the first error is raised by the caller
+            return str(row)
+    return f"{first}-{stop - 1}"
+
+
+# ---------------------------------------------------------------- image ids, checked before any write
+
+
+@dataclass
+class IdCheck:
+    """New rows whose image id another row has too, found before the ingest writes."""
+
+    rows: int = 0  # new rows whose id is shared (with a new or a catalog row)
+    ids: int = 0  # distinct ids among them
+    example: str = ""
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # plan rows (0-based) of those rows
+    before: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # how many equal ids come before
+
+    def __str__(self) -> str:
+        return (f"{self.rows:,} new row(s) share an image id with another row ({self.ids:,} id(s)), "
+                f"e.g. {self.example}")
+
+    def by_shard(self, row_start: int, shard_len: int) -> dict[int, tuple[list[int], list[int]]]:
+        rows = self.shared + row_start
+        out: dict[int, tuple[list[int], list[int]]] = {}
+        for shard in np.unique(rows // shard_len).tolist():
+            here = rows // shard_len == shard
+            out[shard] = (rows[here].tolist(), self.before[here].tolist())
+        return out
+
+
+def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
+    """The id hashes of an item's rows (on a worker)."""
+    if not item.rows:
+        return np.zeros(0, np.uint64)
+    names = records.row_names(item.source, 0, item.rows)
+    try:
+        table = retry(readers.get(reader_name).read_keys, item, storage_options=so)
+    except Exception as e:
+        if is_transient(e):
+            raise
+        # unreadable here is unreadable in its shards too, which fail naming it: no id to compare meanwhile
+        log.warning("%s: image ids not checked (%s)", item.source, one_line(e))
+        return ids.hashes([f"\0unread:{item.source}#{n}" for n in names])
+    return ids.hashes(records.ids_of_table(table, names))
+
+
+def _catalog_keys(cat: Catalog, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    image_id = cat.read(start, stop, ["image_id"])["image_id"]
+    written = np.flatnonzero(image_id != "")  # rows of an unfinished ingest are not ids yet
+    return written + start, ids.hashes(image_id[written])
+
+
+def check_ids(probe: Plan, url: str, client: Client, storage_options: dict | None) -> IdCheck:
+    """Hash every new row's image id on the cluster (one task per input), compare with each other and
+    with the catalog's other collections, and say which new rows share one."""
+    futures = client.map(_item_keys, list(probe.readers), list(probe.items), so=storage_options, pure=False)
+    new_keys = np.concatenate([np.zeros(0, np.uint64), *client.gather(futures)])
+    old_rows, old_keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    if retry(catalog.exists, url, storage_options=storage_options):
+        cat = Catalog.open(url, storage_options, check=False)
+        ranges = [r for p in cat.metadata()["plans"] if p["id"] != probe.id
+                  for r in catalog.shard_ranges(p["row_start"], p["row_stop"], cat.shard_len)]
+        parts = map_shards(_catalog_keys, cat, client=client, ranges=ranges)
+        old_rows = np.concatenate([old_rows, *(rows for rows, _ in parts)])
+        old_keys = np.concatenate([old_keys, *(keys for _, keys in parts)])
+    before, size = ids.occurrences(np.concatenate([old_keys, new_keys]))
+    before, size = before[len(old_keys):], size[len(old_keys):]
+    shared = np.flatnonzero(size > 1)
+    if not len(shared):
+        return IdCheck()
+    key = new_keys[shared[0]]
+    places = [f"catalog row {r}" for r in old_rows[old_keys == key][:2].tolist()]
+    places += [_place(probe, row) for row in np.flatnonzero(new_keys == key)[:3 - len(places)].tolist()]
+    item, row = _locate(probe, int(shared[0]))
+    table = retry(readers.get(probe.readers[item]).read_keys, probe.items[item], storage_options=storage_options)
+    text = records.ids_of_table(table, records.row_names(probe.items[item].source, 0, probe.items[item].rows))[row]
+    return IdCheck(len(shared), len(np.unique(new_keys[shared])), f"{text!r} at {', '.join(places)}",
+                   shared.astype(np.int64), before[shared])
+
+
+def _locate(plan: Plan, row: int) -> tuple[int, int]:
+    """(item index, row within the item) of plan row ``row``."""
+    stops = np.cumsum([i.rows for i in plan.items])
+    index = int(np.searchsorted(stops, row, side="right"))
+    return index, row - int(stops[index] - plan.items[index].rows)
+
+
+def _place(plan: Plan, row: int) -> str:
+    index, within = _locate(plan, row)
+    return f"{plan.items[index].source} row {within}"
 
 
 # ---------------------------------------------------------------- the stage
@@ -484,7 +422,8 @@ def _plan_record(plan: Plan) -> dict:
     return {
         "id": plan.id, "row_start": plan.row_start, "row_stop": plan.row_stop, "shard_len": plan.shard_len,
         "sources": list(plan.sources), "readers": sorted(set(plan.readers)), "items": len(plan.items),
-        "input_errors": len(plan.errors), "input_notes": len(plan.notes), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input_errors": len(plan.errors), "input_notes": len(plan.notes),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "pzscale": version("pzscale"),
     }
 
@@ -503,6 +442,7 @@ def ingest(
     storage_options: dict | None = None,
     progress: bool = True,
     limits: Limits | None = None,
+    duplicate_ids: str = "flag",
 ) -> StageReport:
     """Ingest ``sources`` (files or folders of any supported format) into the catalog at ``url``.
 
@@ -515,8 +455,13 @@ def ingest(
     ``limits`` bound what hostile inputs may expand to (default: ``Limits.from_env()``);
     an image over them is a ``decode_error`` row, an archive member over them an InputError.
     Two ingests into one catalog at once: the one that comes second is refused (CatalogError).
+    Image ids are checked across the inputs and the catalog before any write; ``duplicate_ids`` says what
+    happens to rows whose id is shared: ``flag`` (kept, QC flag), ``suffix`` (``~2``...), ``refuse``
+    (InputError); see ``pzscale.ids``.
     """
     catalog.check_url(url)
+    if duplicate_ids not in ids.POLICIES:
+        raise InputError(f"duplicate ids policy {duplicate_ids!r}: choose one of {', '.join(ids.POLICIES)}")
     if shard_len is not None and not (shard_len > 0 and (shard_len <= catalog.SHARD_UNIT
                                                          or shard_len % catalog.SHARD_UNIT == 0)):
         raise InputError(f"shard length {shard_len}: must be 1..{catalog.SHARD_UNIT} or a multiple of "
@@ -532,21 +477,29 @@ def ingest(
     with using(limits):
         probe = retry(make_plan, list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN,
                       format=format, source=source, storage_options=storage_options)
+        shared = check_ids(probe, url, client, storage_options)
+    if shared.rows and duplicate_ids == "refuse":
+        raise InputError(f"{shared}; nothing written (ingest with duplicate ids 'flag' to keep and flag them, "
+                         "or 'suffix' to make them unique)")
+    notes = [*probe.notes, *([f"{shared} ({duplicate_ids})"] if shared.rows else [])]
     with metadata_lock(url, storage_options=storage_options):
         plan = retry(_prepare, probe, url, shard_len, append, storage_options)
         cat = Catalog.open(url, storage_options, check=False)
         cat.record_stage(plan.stage, {"format": format, "source": source, "taxonomy_table": taxonomy_table,
                                       "taxonomy_source": taxonomy_source, "taxonomy_sha256": table_sha,
-                                      "limits": limits.to_dict()})
+                                      "limits": limits.to_dict(), "duplicate_ids": duplicate_ids,
+                                      "shared_id_rows": shared.rows})
     params = {"plan": plan.id, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source,
-              "limits": limits.to_dict()}
+              "limits": limits.to_dict(), "duplicate_ids": duplicate_ids}
+    by_shard = shared.by_shard(plan.row_start, plan.shard_len)
     ranges = [(t["shard"], t["shard"] * plan.shard_len, t["stop"]) for t in plan.shard_tasks()]
     tasks, skipped = pending(cat, plan.stage, params=params, ranges=ranges)
     segments = {t["shard"]: t for t in plan.shard_tasks()}
     # a shard is ingested whole or not at all: its marker is written last, so a marked shard is done
-    tasks = [replace(t, row_from=segments[t.shard]["start"], params={**t.params, "segments":
-                                                                       segments[t.shard]["segments"]})
+    tasks = [replace(t, row_from=segments[t.shard]["start"],
+                     params={**t.params, "segments": segments[t.shard]["segments"],
+                             "duplicates": by_shard.get(t.shard, ([], []))})
              for t in tasks]
     return run_stage(plan.stage, ingest_shard, tasks, catalog=cat, client=client, skipped=skipped,
                      progress_bar=progress, rows=(plan.row_start, plan.row_stop), input_errors=plan.errors,
-                     input_notes=plan.notes)
+                     input_notes=notes)

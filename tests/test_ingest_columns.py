@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from pzscale.ingest import columns_from_table
+from pzscale.records import columns_from_table
 from pzscale.schema import TIME_FILL, VARIABLE_NAMES
 from pzscale.synth import encode
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pzscale.schema import PARQUET_COLUMNS
@@ -102,8 +103,26 @@ class Reader:
         """Rows ``[first, stop)`` of ``item`` as records (see ``records``)."""
         raise NotImplementedError
 
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        """All rows of ``item`` with only the columns image ids are made of (``KEY_COLUMNS``), for the
+        ingest's id check before it writes. This default reads the rows in blocks and drops the images;
+        readers override it where the ids come without reading images."""
+        blocks = [self.read(item, first, min(first + KEY_BLOCK, item.rows), storage_options=storage_options)
+                  for first in range(0, item.rows, KEY_BLOCK)]
+        return keys_only(pa.concat_tables(blocks, promote_options="permissive") if blocks else records([]))
+
     def __repr__(self) -> str:
         return f"<pzscale reader {self.name!r}: {self.description}>"
+
+
+KEY_COLUMNS = ("dataset", "ObjID", "original_path")  # what ``records.image_ids`` is made of
+KEY_BLOCK = 4096
+
+
+def keys_only(table: pa.Table) -> pa.Table:
+    """The key columns of a records table that has them (as text: types may differ between files)."""
+    columns = {c: pc.cast(table.column(c), pa.string()) for c in KEY_COLUMNS if c in table.column_names}
+    return pa.table(columns) if columns else pa.table({"dataset": pa.nulls(table.num_rows, pa.string())})
 
 
 def records(rows: list[dict[str, Any]]) -> pa.Table:

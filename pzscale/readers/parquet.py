@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from pzscale.errors import InputError, one_line
 from pzscale.faults import is_transient
-from pzscale.readers.base import Item, Reader
+from pzscale.readers.base import KEY_COLUMNS, Item, Reader, keys_only
 from pzscale.schema import PARQUET_COLUMNS, PARQUET_REQUIRED
 
 
@@ -31,25 +31,33 @@ class ParquetReader(Reader):
         return [scan_file(p, storage_options=storage_options) for p in expand(path, storage_options)]
 
     def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
-        starts = np.concatenate([[0], np.cumsum(item.info["row_groups"])])
-        first_rg = int(np.searchsorted(starts, first, side="right") - 1)
-        last_rg = int(np.searchsorted(starts, stop, side="left"))
-        groups, columns = list(range(first_rg, last_rg)), item.info["columns"]
-        try:
-            if fsspec.utils.get_protocol(item.source) == "file":
-                # pyarrow's own file reader: no Python in the read path (measurably faster than fsspec's)
-                table = pq.ParquetFile(item.source.removeprefix("file://")).read_row_groups(groups, columns=columns)
-            else:
-                with fsspec.open(item.source, "rb", **(storage_options or {})) as fh:
-                    table = pq.ParquetFile(fh, pre_buffer=True).read_row_groups(groups, columns=columns)
-            # parquet does not check text on read: a corrupt page can hold invalid UTF-8 that only
-            # fails later, in the middle of a shard task (found by tests/reliability/test_fuzz.py)
-            table.validate(full=True)
-        except (pa.ArrowException, OSError, ValueError, IndexError, KeyError) as e:
-            if is_transient(e) or isinstance(e, InputError):
-                raise
-            raise InputError(f"{item.source}: cannot read rows {first}-{stop} ({one_line(e)})") from None
-        return table.slice(first - int(starts[first_rg]), stop - first)
+        return _read(item, first, stop, item.info["columns"], storage_options)
+
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        columns = [c for c in KEY_COLUMNS if c in item.info["columns"]]  # the id columns alone: no image bytes
+        return keys_only(_read(item, 0, item.rows, columns, storage_options))
+
+
+def _read(item: Item, first: int, stop: int, columns: list[str], storage_options: dict | None) -> pa.Table:
+    starts = np.concatenate([[0], np.cumsum(item.info["row_groups"])])
+    first_rg = int(np.searchsorted(starts, first, side="right") - 1)
+    last_rg = int(np.searchsorted(starts, stop, side="left"))
+    groups = list(range(first_rg, last_rg))
+    try:
+        if fsspec.utils.get_protocol(item.source) == "file":
+            # pyarrow's own file reader: no Python in the read path (measurably faster than fsspec's)
+            table = pq.ParquetFile(item.source.removeprefix("file://")).read_row_groups(groups, columns=columns)
+        else:
+            with fsspec.open(item.source, "rb", **(storage_options or {})) as fh:
+                table = pq.ParquetFile(fh, pre_buffer=True).read_row_groups(groups, columns=columns)
+        # parquet does not check text on read: a corrupt page can hold invalid UTF-8 that only
+        # fails later, in the middle of a shard task (found by tests/reliability/test_fuzz.py)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError, IndexError, KeyError) as e:
+        if is_transient(e) or isinstance(e, InputError):
+            raise
+        raise InputError(f"{item.source}: cannot read rows {first}-{stop} ({one_line(e)})") from None
+    return table.slice(first - int(starts[first_rg]), stop - first)
 
 
 def expand(source: str, storage_options: dict | None) -> list[str]:
