@@ -449,6 +449,20 @@ def mark_done(
     return True
 
 
+def drop_shard(group: zarr.Group, name: str, shard: int) -> None:
+    """Delete shard ``shard`` of array ``name`` (damaged: Zarr would read it before rewriting it)."""
+    arr = group[name]
+    path = arr.async_array.store_path / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+    sync(path.delete())
+
+
+def forget_done(url: str, stage: str, shard: int, *, storage_options: dict | None = None) -> None:
+    """Remove ``stage``'s done marker of ``shard`` (its data is damaged): a rerun of the stage redoes it."""
+    fs, root = _fs(url, storage_options)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(f"{_marker_dir(root, stage)}/{shard:06d}.json")
+
+
 def create_only(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> bool:
     """Write ``body`` at ``path`` unless an object is there already; True if this call created it.
 

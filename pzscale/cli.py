@@ -501,6 +501,28 @@ def info_cmd(url: Annotated[str, typer.Argument(help="catalog URL", envvar="PZSC
 
 
 @app.command()
+def verify(
+    catalog_url: CatalogOpt,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", help="only report: keep the done markers of damaged shards")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Read every shard of every array; report damaged shards one line each and exit 1 if any. Their done
+    markers are removed (unless --read-only) so a rerun of the stage named rewrites them."""
+    from pzscale.verify import verify as run
+
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    with start_client(scheduler, workers) as client:
+        report = run(catalog_url, storage_options=so, client=client, read_only=read_only)
+    typer.echo(str(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Argument(help="folder for the demo's inputs and catalog")] = Path("demo-output"),
     images: Annotated[int, typer.Option("--images", "-n")] = 6000,

@@ -294,7 +294,7 @@ def map_shards(fn: Callable[..., Any], cat: Catalog, *args: Any, client: Client 
     if run.failures:
         task, message = run.failures[0]
         raise StageError(f"{cat.url}: reading shard {task.shard} failed ({len(run.failures)} shard(s) in all): "
-                         f"{message}")
+                         f"{message} (`pzscale verify --catalog {cat.url}` lists damaged shards)")
     return run.results
 
 

@@ -25,9 +25,9 @@ from PIL import Image
 
 from pzscale import readers
 from pzscale.errors import PzscaleError
-from pzscale.records import columns_from_table
 from pzscale.readers import ecotaxa, ifcb
 from pzscale.readers.base import NUMBER_COLUMNS
+from pzscale.records import columns_from_table
 from pzscale.schema import PARQUET_COLUMNS, PARQUET_REQUIRED
 from tests.reliability.helpers import TALLY
 
