@@ -1,8 +1,11 @@
 """IFCB (Imaging FlowCytobot) raw bins: ``.hdr`` + ``.adc`` + ``.roi`` files sharing a bin name.
 
-One bin is one item; its rows are the ADC lines with a non-empty ROI, in line order. The catalog keeps the
-raw ``.roi`` pixels losslessly (PNG of the raw bytes, no min-max stretch) and names every image by its
-ADC line number (``<bin>_<roi:05d>``), as the IFCB dashboards and classifier outputs do.
+One bin is one item; its rows are the ADC lines with a ROI (every line but those with a zero width or height,
+IFCB's triggers without an image), in line order. The catalog keeps the raw ``.roi`` pixels losslessly (PNG of the
+raw bytes, no min-max stretch) and names every image by its ADC line number (``<bin>_<roi:05d>``), as the IFCB
+dashboards and classifier outputs do. A ROI the reader cannot cut (a fractional, negative or missing size or start
+byte, bytes beyond the end of the .roi) is still a row: one with no image bytes and the reason in ``image_error``,
+so that one bad ADC line never costs the bin's other ROIs.
 The layouts are those of the WHOI IFCB software (pyifcb, ifcb-analysis): schema v1 and v2 headers and ADCs.
 """
 
@@ -20,7 +23,7 @@ import pyarrow as pa
 
 from pzscale.errors import InputError
 from pzscale.faults import is_transient
-from pzscale.readers.base import Item, Reader, encode_png, records
+from pzscale.readers.base import Item, Reader, encode_png, keys_only, records
 
 EXTENSIONS = (".adc", ".hdr", ".roi")
 DEFAULT_SOURCE = "ifcb"
@@ -118,7 +121,8 @@ def is_number(text: str) -> bool:
 def parse_adc(text: str, schema: int, *, name: str = "<adc>") -> dict[str, np.ndarray]:
     """ADC columns used here, by position, as float arrays (one entry per line; -999 becomes NaN).
 
-    ``name`` (the file) goes into the one-line InputError raised for a malformed line.
+    ``name`` (the file) goes into the one-line InputError raised for a malformed line (a wrong number of values,
+    a value that is no number). ROI sizes and start bytes are not checked here but per ROI (``roi_problem``).
     """
     columns = ADC_COLUMNS[schema]
     expected = columns["count"]
@@ -136,22 +140,36 @@ def parse_adc(text: str, schema: int, *, name: str = "<adc>") -> dict[str, np.nd
             raise InputError(f"{name}: line {line_number} has a non-numeric value {bad.strip()[:40]!r}") from None
     table = np.array(values, dtype=np.float64).reshape(len(values), expected)
     table[table == MISSING_VALUE] = np.nan
-    adc = {key: table[:, col] for key, col in columns.items() if key != "count"}
-    width, height = adc["width"], adc["height"]
-    if np.any(width < 0) or np.any(height < 0):
-        line = int(np.flatnonzero((width < 0) | (height < 0))[0]) + 1
-        raise InputError(f"{name}: line {line} has a negative ROI width or height")
-    images = (width > 0) & (height > 0)
-    start = adc["start_byte"]
-    bad_start = images & ~(np.isfinite(start) & (start >= 0) & (start == np.round(start)))
-    if np.any(bad_start):
-        raise InputError(f"{name}: line {int(np.flatnonzero(bad_start)[0]) + 1} has an invalid start byte")
-    return adc
+    return {key: table[:, col] for key, col in columns.items() if key != "count"}
 
 
 def image_lines(adc: dict[str, np.ndarray]) -> np.ndarray:
-    """0-based ADC line indices that have an image (width and height > 0); ROI number = index + 1."""
-    return np.flatnonzero((adc["width"] > 0) & (adc["height"] > 0))
+    """0-based ADC line indices that are rows (ROI number = index + 1): every line but those with a zero width or
+    height, which IFCB writes for a trigger without an image. A line whose ROI cannot be cut (``roi_problem``) is a
+    row too, so that the row count of a bin depends on its ADC alone, at plan time and at read time alike."""
+    return np.flatnonzero((adc["width"] != 0) & (adc["height"] != 0))  # NaN != 0: a missing size is a row
+
+
+def roi_name(lid: str, line: int) -> str:
+    """An image's name: its bin and ROI number (0-based ADC line + 1), as the IFCB dashboards write it."""
+    return f"{lid}_{line + 1:05d}"
+
+
+def roi_problem(width: float, height: float, start: float) -> str:
+    """Why the ROI of an ADC line has no size or offset to cut it by, or '' when it has (its byte range is checked
+    against the .roi when read)."""
+    for what, value in (("width", width), ("height", height)):
+        if math.isnan(value):
+            return f"{what} is missing (-999 or NaN)"
+        if value < 0:
+            return f"{what} {value:g} is negative"
+        if not math.isfinite(value) or value != round(value):
+            return f"{what} {value:g} is not a whole number of pixels"
+    if math.isnan(start):
+        return "start byte is missing (-999 or NaN)"
+    if not (math.isfinite(start) and start >= 0 and start == round(start)):
+        return f"start byte {start:g} is not a byte offset"
+    return ""
 
 
 def ml_analyzed(adc: dict[str, np.ndarray], hdr: dict[str, str], schema: int) -> float | None:
@@ -301,13 +319,32 @@ def scan_bin(stem: str, sizes: dict[str, int], source: str, storage_options: dic
         if is_transient(e):
             raise
         return failed(f"cannot read the .adc ({' '.join(str(e).split())[:200]})")
-    lines = image_lines(adc)
-    ends = adc["start_byte"][lines] + adc["width"][lines] * adc["height"][lines]
-    if len(lines) and ends.max() > sizes[".roi"]:
-        beyond = int(np.flatnonzero(ends > sizes[".roi"])[0])
-        start, end = int(adc["start_byte"][lines[beyond]]), int(ends[beyond])
-        return failed(f".roi is {sizes['.roi']} bytes but ROI {lines[beyond] + 1} needs bytes {start}..{end}")
-    return Item(source=stem, rows=len(lines), size=total, info=info)
+    try:
+        hdr = parse_hdr(read_text(stem + ".hdr", storage_options))
+    except OSError as e:
+        if is_transient(e):
+            raise
+        return failed(f"cannot read the .hdr ({' '.join(str(e).split())[:200]})")
+    # ROIs that cannot be cut (fractional or negative sizes, bytes beyond the .roi...) are rows too: the read gives
+    # them no image bytes and the reason, so the count here is exact whatever the ADC's values
+    rows = len(image_lines(adc))
+    return Item(source=stem, rows=rows, size=total, info=info, notes=header_notes(stem, hdr, rows))
+
+
+def header_notes(stem: str, hdr: dict[str, str], rows: int) -> list[str]:
+    """A note when the header's ROI count disagrees with the ADC (the ADC is what is read).
+
+    Like is compared with like: v2 firmware's ``roiCount`` counts ROIs, i.e. the ADC lines with a non-zero width and
+    height (the sample bins: 2 of 3 lines, 7 of 8, 33 of 45), not the ADC's lines nor its triggers (``triggerCount``,
+    41 for those 45 lines: several ROIs can share a trigger). That is the bin's row count here (``image_lines``,
+    ROIs the reader cannot cut included: the instrument counted them). v1 headers have no ROI count.
+    """
+    expected = header_value(hdr, "roiCount")
+    if expected is None or expected == rows:
+        return []
+    lid = stem.rsplit("/", 1)[-1]
+    return [f"{stem}: header roiCount {expected:g} but {lid}.adc has {rows} ROIs (lines with a non-zero width and "
+            f"height); the .adc is read"]
 
 
 class IFCBReader(Reader):
@@ -335,6 +372,24 @@ class IFCBReader(Reader):
             return list(pool.map(lambda stem: scan_bin(stem, bins[stem], source or DEFAULT_SOURCE, storage_options),
                                  order))
 
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        """The id columns of every row from the .adc alone (ids are ROI numbers): no .roi read, no PNG made."""
+        lid, source = item.info["lid"], item.info["source"]
+        names = [roi_name(lid, line) for line in self._lines(item, storage_options)[0]]
+        return keys_only(records([{"dataset": source, "ObjID": name, "original_path": f"/{lid}/{name}.png"}
+                                  for name in names]))
+
+    def _lines(self, item: Item, storage_options: dict | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The bin's rows (0-based ADC lines, as planned) and its ADC."""
+        if item.error:
+            raise InputError(item.error)
+        info = item.info
+        adc = parse_adc(read_text(info["adc"], storage_options), info["schema"], name=info["adc"])
+        lines = image_lines(adc)
+        if len(lines) != item.rows:
+            raise InputError(f"{info['adc']}: has {len(lines)} images now, {item.rows} when planned")
+        return lines, adc
+
     def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
         info = item.info
         if item.error:
@@ -342,34 +397,54 @@ class IFCBReader(Reader):
         if not 0 <= first <= stop <= item.rows:
             raise InputError(f"{item.source}: rows {first}..{stop} out of range (bin has {item.rows} images)")
         lid, schema, source = info["lid"], info["schema"], info["source"]
-        adc = parse_adc(read_text(info["adc"], storage_options), schema, name=info["adc"])
-        lines = image_lines(adc)
-        if len(lines) != item.rows:
-            raise InputError(f"{info['adc']}: has {len(lines)} images now, {item.rows} when planned")
+        lines, adc = self._lines(item, storage_options)
         metadata = bin_metadata(lid, parse_hdr(read_text(info["hdr"], storage_options)), adc, schema)
         wanted = lines[first:stop]
         if not len(wanted):
             return records([])
-        starts = adc["start_byte"][wanted].astype(np.int64)
-        widths, heights = adc["width"][wanted].astype(np.int64), adc["height"][wanted].astype(np.int64)
-        # read only the byte range these ROIs span: .roi files can be hundreds of MB
-        low, high = int(starts.min()), int((starts + widths * heights).max())
-        with fsspec.open(info["roi"], "rb", **(storage_options or {})) as fh:
-            fh.seek(low)
-            buf = fh.read(high - low)
-        if len(buf) != high - low:
-            raise InputError(f"{info['roi']}: ended at byte {low + len(buf)}, ROIs need bytes up to {high}")
+        adc_name = info["adc"].rsplit("/", 1)[-1]
+        problems: dict[int, str] = {}  # ADC line -> why its ROI has no image
+        cuts: dict[int, tuple[int, int, int]] = {}  # ADC line -> (start byte, width, height)
+        for line in wanted:
+            width, height, start = (float(adc[key][line]) for key in ("width", "height", "start_byte"))
+            if why := roi_problem(width, height, start):
+                problems[line] = why
+            else:
+                cuts[line] = (int(start), int(width), int(height))
+        buf, low = b"", 0
+        if cuts:
+            with fsspec.open(info["roi"], "rb", **(storage_options or {})) as fh:
+                roi_size = fh.seek(0, 2)
+                # read only the byte range these ROIs span (.roi files can be hundreds of MB), never past the end
+                low = min(start for start, _, _ in cuts.values())
+                high = min(roi_size, max(start + width * height for start, width, height in cuts.values()))
+                if low < high:
+                    fh.seek(low)
+                    buf = fh.read(high - low)
+                    if len(buf) != high - low:
+                        raise InputError(f"{info['roi']}: ended at byte {low + len(buf)}, ROIs need bytes up to "
+                                         f"{high} of its {roi_size}")
+            for line, (start, width, height) in cuts.items():
+                if start + width * height > roi_size:
+                    problems[line] = (f"bytes {start}..{start + width * height} are beyond the end of "
+                                      f"{info['roi'].rsplit('/', 1)[-1]} ({roi_size} bytes)")
         rows = []
-        for line, start, width, height in zip(wanted, starts, widths, heights, strict=True):
-            pixels = np.frombuffer(buf, np.uint8, count=width * height, offset=start - low).reshape(height, width)
-            roi_name = f"{lid}_{line + 1:05d}"
-            rows.append({
-                "image": {"bytes": encode_png(pixels), "path": f"{roi_name}.png"},
+        for line in wanted:
+            name = roi_name(lid, line)
+            row = {
+                "image": {"bytes": b"", "path": f"{name}.png"},
                 "dataset": source,
                 "instrument": "IFCB",
                 "original_label": "",  # raw bins carry no labels
-                "original_path": f"/{lid}/{roi_name}.png",
-                "ObjID": roi_name,
+                "original_path": f"/{lid}/{name}.png",  # read_keys makes the same id columns
+                "ObjID": name,
                 **metadata,
-            })
+            }
+            if line in problems:
+                row["image_error"] = f"{adc_name} roi {line + 1}: {problems[line]}"
+            else:
+                start, width, height = cuts[line]
+                pixels = np.frombuffer(buf, np.uint8, count=width * height, offset=start - low).reshape(height, width)
+                row["image"]["bytes"] = encode_png(pixels)
+            rows.append(row)
         return records(rows)

@@ -225,21 +225,137 @@ def test_read_a_sub_range(sample_data):
 
 def test_malformed_bins_become_item_errors(sample_data, tmp_path):
     good = sample_data / V1_BIN
-    for folder, adc_text, roi_cut in (("bad_adc", "1,2,3\n", None), ("short_roi", None, 60000)):
-        stem = tmp_path / folder / good.name
-        stem.parent.mkdir()
-        for ext in (".adc", ".hdr", ".roi"):
-            shutil.copy(good.parent / f"{good.name}{ext}", f"{stem}{ext}")
-        if adc_text is not None:
-            Path(f"{stem}.adc").write_text(adc_text)
-        if roi_cut is not None:
-            Path(f"{stem}.roi").write_bytes(Path(f"{stem}.roi").read_bytes()[:roi_cut])
-    bad, short = reader.plan(str(tmp_path))
-    assert bad.rows == short.rows == 0
+    stem = tmp_path / "bad_adc" / good.name
+    stem.parent.mkdir()
+    for ext in (".adc", ".hdr", ".roi"):
+        shutil.copy(good.parent / f"{good.name}{ext}", f"{stem}{ext}")
+    Path(f"{stem}.adc").write_text("1,2,3\n")
+    (bad,) = reader.plan(str(tmp_path))
+    assert bad.rows == 0
     assert bad.error == f"{tmp_path}/bad_adc/{good.name}.adc: line 1 has 3 values, schema 1 has 15"
-    assert short.error == (f"{tmp_path}/short_roi/{good.name}: .roi is 60000 bytes but ROI 5 needs bytes 57492..62217")
     with pytest.raises(InputError, match="line 2 has a non-numeric value 'x'"):
         parse_adc("1" + ",0" * 14 + ",\n2" + ",0" * 13 + ",x,\n", 1, name="f.adc")
+
+
+def copy_bin(sample_data: Path, bin_path: str, folder: Path) -> Path:
+    """A real sample bin copied into ``folder``, to be edited there; its stem."""
+    stem = folder / Path(bin_path).name
+    folder.mkdir(parents=True, exist_ok=True)
+    for ext in (".adc", ".hdr", ".roi"):
+        if (sample_data / f"{bin_path}{ext}").exists():
+            shutil.copy(sample_data / f"{bin_path}{ext}", f"{stem}{ext}")
+    return stem
+
+
+def edit_adc(stem: Path, line: int, column: int, value: str) -> None:
+    lines = Path(f"{stem}.adc").read_text().splitlines()
+    fields = lines[line - 1].split(",")
+    fields[column] = value
+    lines[line - 1] = ",".join(fields)
+    Path(f"{stem}.adc").write_text("\n".join(lines) + "\n")
+
+
+# CLASSIPYR_BIN's ROI 4 (ADC line 4: width 136, height 90, start byte 27520), made uncuttable in one way each
+ROI_PROBLEMS = {
+    "fractional width": (15, "0.5", "width 0.5 is not a whole number of pixels"),
+    "width rounding to 0": (15, "0.4", "width 0.4 is not a whole number of pixels"),
+    "negative height": (16, "-7", "height -7 is negative"),
+    "missing width": (15, "-999", "width is missing (-999 or NaN)"),
+    "nan height": (16, "nan", "height is missing (-999 or NaN)"),
+    "infinite width": (15, "inf", "width inf is not a whole number of pixels"),
+    "fractional start byte": (17, "100.5", "start byte 100.5 is not a byte offset"),
+    "negative start byte": (17, "-3", "start byte -3 is not a byte offset"),
+}
+
+
+@pytest.mark.parametrize("problem", ROI_PROBLEMS)
+def test_a_roi_that_cannot_be_cut_is_a_row_with_the_reason(sample_data, tmp_path, problem):
+    column, value, error = ROI_PROBLEMS[problem]
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, tmp_path)
+    good = raw_rois(stem, 2)
+    edit_adc(stem, 4, column, value)
+    (item,) = reader.plan(str(tmp_path))
+    assert (item.error, item.rows, item.notes) == ("", 7, [])  # the header's roiCount 7 counts that ROI too
+    table = reader.read(item, 0, item.rows)
+    assert table.num_rows == 7
+    images = table.column("image").to_pylist()
+    assert [bool(i["bytes"]) for i in images] == [True, True, False, True, True, True, True]  # ROIs 2..8
+    assert table.column("image_error").to_pylist()[2] == f"{stem.name}.adc roi 4: {error}"
+    assert table.column("ObjID").to_pylist() == [f"{stem.name}_{n:05d}" for n in range(2, 9)]
+    for image, number in zip(images, range(2, 9), strict=True):
+        if number != 4:
+            assert np.array_equal(decode(image["bytes"]), good[number])
+    # read in parts (as shards do), the rows are the same
+    parts = [reader.read(item, a, b) for a, b in ((0, 2), (2, 3), (3, 7))]
+    assert sum((p.column("image").to_pylist() for p in parts), []) == images
+
+
+def test_roi_bytes_beyond_the_end_of_the_roi_file(sample_data, tmp_path):
+    # a .roi cut short (a copy still in progress): the ROIs it holds are read, the ones beyond its end are rows
+    # without image bytes, each saying which bytes it needs
+    stem = copy_bin(sample_data, V1_BIN, tmp_path)
+    good = raw_rois(stem, 1)
+    Path(f"{stem}.roi").write_bytes(Path(f"{stem}.roi").read_bytes()[:60000])
+    (item,) = reader.plan(str(stem) + ".roi")
+    assert (item.error, item.rows) == ("", 6)
+    table = reader.read(item, 0, item.rows)
+    images, errors = table.column("image").to_pylist(), table.column("image_error").to_pylist()
+    assert [bool(i["bytes"]) for i in images] == [True, True, True, True, False, False]
+    for image, number in zip(images[:4], range(1, 5), strict=True):
+        assert np.array_equal(decode(image["bytes"]), good[number])
+    assert errors[4] == f"{stem.name}.adc roi 5: bytes 57492..62217 are beyond the end of {stem.name}.roi (60000 bytes)"
+    assert errors[5].startswith(f"{stem.name}.adc roi 6: bytes ") and errors[5].endswith("(60000 bytes)")
+    assert reader.read(item, 4, 6).column("image_error").to_pylist() == errors[4:]
+
+
+def test_a_roi_far_beyond_the_end_reads_no_more_than_the_file(sample_data, tmp_path):
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, tmp_path)
+    edit_adc(stem, 8, 17, "1e18")  # a read of up to that byte would not fit in memory
+    (item,) = reader.plan(str(tmp_path))
+    table = reader.read(item, 0, item.rows)
+    assert table.num_rows == 7 and table.column("image").to_pylist()[-1]["bytes"] == b""
+    assert table.column("image_error").to_pylist()[-1].startswith(f"{stem.name}.adc roi 8: bytes 1000000000000000000..")
+
+
+@pytest.mark.cluster
+def test_ingest_of_a_bin_with_a_fractional_roi_width(sample_data, tmp_path, client):
+    from pzscale import open_catalog
+    from pzscale.ingest import ingest
+
+    folder = tmp_path / "bins"
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, folder)
+    edit_adc(stem, 4, 15, "0.5")
+    url = str(tmp_path / "cat.zarr")
+    report = ingest([str(folder)], url, format="ifcb", source="s", shard_len=4, client=client, progress=False)
+    assert (report.failures, report.input_errors, report.input_notes) == ([], [], [])
+    assert report.status == {"ok": 6, "missing_image": 1}
+    ds = open_catalog(url).drop_vars("image_bytes").compute()
+    assert list(ds["image_id"].values) == [f"s:{stem.name}_{n:05d}" for n in range(2, 9)]
+    assert list(ds["status"].values) == ["ok", "ok", "missing_image", "ok", "ok", "ok", "ok"]
+    assert ds["error"].values[2] == f"{stem.name}.adc roi 4: width 0.5 is not a whole number of pixels"
+
+
+def test_header_roi_count_that_disagrees_with_the_adc_is_a_note(sample_data, tmp_path):
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, tmp_path)
+    hdr = Path(f"{stem}.hdr").read_text(encoding="latin-1")
+    assert hdr.count("roiCount: 7") == 1
+    Path(f"{stem}.hdr").write_text(hdr.replace("roiCount: 7", "roiCount: 9"), encoding="latin-1")
+    (item,) = reader.plan(str(tmp_path))
+    assert item.notes == [f"{stem}: header roiCount 9 but {stem.name}.adc has 7 ROIs (lines with a non-zero width "
+                          "and height); the .adc is read"]
+    assert (item.error, item.rows, reader.read(item, 0, item.rows).num_rows) == ("", 7, 7)  # the ADC is read
+
+
+def test_real_sample_bins_have_no_notes(sample_data, tmp_path):
+    # roiCount counts ADC lines with an image, not lines or triggers: 2 of 3, 7 of 8 lines, and in the 2023 bin
+    # 33 of 45 lines with 41 triggers (it has no .roi: give it one, the plan does not read it)
+    items = [i for root in ("pyifcb", "irfcb/test_data/data", "classipyr/test_data/raw")
+             for i in reader.plan(str(sample_data / root))]
+    stem = copy_bin(sample_data, GPS_BIN, tmp_path)
+    Path(f"{stem}.roi").write_bytes(b"\0")
+    items += reader.plan(str(tmp_path))
+    assert [i.rows for i in items if not i.error] == [19, 6, 2, 7, 33]
+    assert [i.notes for i in items] == [[]] * len(items)
 
 
 def test_inputs_without_bins_raise(sample_data):
@@ -258,3 +374,15 @@ def test_guess_can_open(sample_data, tmp_path):
     (tmp_path / "notes.txt").write_text("IFCB5_2012_028_081515")
     assert not reader.guess_can_open(str(tmp_path / "notes.txt"))
     assert not reader.guess_can_open(str(tmp_path))
+
+
+def test_read_keys_are_the_keys_of_the_rows_without_reading_the_roi(sample_data, tmp_path):
+    from pzscale.readers.base import keys_only
+
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, tmp_path / "edited")
+    edit_adc(stem, 4, 15, "0.5")
+    items = reader.plan(str(sample_data / "pyifcb")) + reader.plan(str(tmp_path))
+    for item in (i for i in items if not i.error):
+        assert reader.read_keys(item).equals(keys_only(reader.read(item, 0, item.rows))), item.source
+    Path(f"{stem}.roi").unlink()  # the ids come from the .adc alone
+    assert reader.read_keys(items[-1]).column("ObjID").to_pylist() == [f"{stem.name}_{n:05d}" for n in range(2, 9)]
