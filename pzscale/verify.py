@@ -43,7 +43,8 @@ class Damage:
 
     def __str__(self) -> str:
         owners = f"; rerun {', '.join(self.stages)}" if self.stages else ""
-        return f"DAMAGED shard {self.shard} (rows {self.rows[0]}-{self.rows[1] - 1}) {self.array}: {self.problem}{owners}"
+        where = f"shard {self.shard} (rows {self.rows[0]}-{self.rows[1] - 1})"
+        return f"DAMAGED {where} {self.array}: {self.problem}{owners}"
 
 
 @dataclass
