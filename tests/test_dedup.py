@@ -55,6 +55,8 @@ def test_phash_bits_equal_imagededup_on_every_real_image(sample_data):
 
     files = sorted(glob.glob(f"{sample_data}/**/*.png", recursive=True) + glob.glob(f"{sample_data}/**/*.jp*g",
                                                                                         recursive=True))
+    # 16-bit files: imagededup clips them to white, pzscale stretches them (test below)
+    files = [f for f in files if Image.open(f).mode not in ("I;16", "I;16B", "I")]
     modes = {Image.open(f).mode for f in files}
     assert len(files) >= 40 and {"L", "RGB", "RGBA"} <= modes  # grey ROIs, colour photos, alpha
     phasher = PHash(verbose=False)

@@ -84,7 +84,7 @@ def test_grey_rgb_rgba_and_16_bit_agree():
     grey = _organism(40, 60)
     grey[20, 30], grey[21, 30] = 0, 255  # the full 8-bit range, so that the 16-bit stretch is exact
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    rgba = np.concatenate([rgb, np.full((40, 60, 1), 7, np.uint8)], axis=2)  # alpha must be ignored
+    rgba = np.concatenate([rgb, np.full((40, 60, 1), 255, np.uint8)], axis=2)  # opaque alpha changes nothing
     deep = grey.astype(np.uint16) * 257  # same picture in 16 bits: the stretch maps it back
     batch, _ = prepare_batch([grey, rgb, rgba, deep, grey[:, :, None]], size=48, mean=MEAN, std=STD)
     for i in range(1, 5):

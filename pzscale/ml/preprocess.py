@@ -1,7 +1,7 @@
 """Model input batches from decoded pixels: square padding on the CPU, resizing and normalisation on the device.
 
-The CPU does only what needs no arithmetic (channel selection, 8-bit stretch, padding); the resize, the
-only costly step, runs where the model runs. Padding before resizing, rather than after as
+The CPU does only the cheap, per-pixel steps (``images.to_grey_or_rgb``: colour space, 8-bit depth, alpha; then
+padding); the resize, the only costly step, runs where the model runs. Padding before resizing, rather than after as
 ``images.letterbox`` does, lets one resize per image handle any aspect ratio and keeps the uploaded
 tensor uint8 (4x less to copy than float32).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pzscale.errors import InputError
-from pzscale.images import _to_uint8
+from pzscale.images import to_grey_or_rgb
 
 __all__ = ["pad_square", "prepare_batch"]
 
@@ -30,14 +30,15 @@ def pad_square(pixels: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    (side, side) or (side, side, 3) uint8 with ``side = max(H, W)``. Alpha is dropped, deeper images are
-    stretched to 8 bits as ``images.letterbox`` does, and the padding is the median of the border pixels
-    (per channel) so that it looks like background, not like a frame.
+    (side, side) or (side, side, 3) uint8 with ``side = max(H, W)``. Converted by ``images.to_grey_or_rgb``, as
+    ``images.letterbox`` does (alpha composited on white, deeper images scaled to 8 bits by their type's range),
+    and the padding is the median of the border pixels (per channel) so that it looks like background, not like
+    a frame.
     """
-    pixels = _colour_channels(np.asarray(pixels))
+    pixels = np.asarray(pixels)
     if pixels.size == 0:
         raise InputError(f"cannot pad an empty image of shape {pixels.shape}")
-    pixels = _to_uint8(pixels)
+    pixels = to_grey_or_rgb(pixels)
     h, w = pixels.shape[:2]
     side = max(h, w)
     edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -63,7 +64,7 @@ def prepare_batch(
     Parameters
     ----------
     pixels
-        Decoded images as ``images.decode`` returns them (grey, RGB, RGBA; 8 or 16 bit).
+        Decoded images as ``images.decode`` returns them (grey, RGB, with or without alpha; 8 or 16 bit, float).
     size
         Side of the square model input.
     mean, std
@@ -103,14 +104,3 @@ def prepare_batch(
         out[indices] = images.expand(-1, 3, -1, -1)
     out.div_(255.0).sub_(mean_t).div_(std_t)
     return out, scales
-
-
-def _colour_channels(pixels: np.ndarray) -> np.ndarray:
-    """(H, W) grey or (H, W, 3) RGB: alpha dropped, single-channel stacks squeezed."""
-    if pixels.ndim == 2:
-        return pixels
-    if pixels.ndim == 3 and pixels.shape[2] in (1, 2):  # grey, grey + alpha
-        return pixels[:, :, 0]
-    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):  # RGB, RGBA
-        return pixels[:, :, :3]
-    raise InputError(f"expected (H, W), (H, W, 1..4) pixels, got shape {pixels.shape}")
