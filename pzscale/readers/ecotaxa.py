@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pzscale import limits
 from pzscale.errors import InputError, one_line
 from pzscale.faults import is_transient
-from pzscale.readers.base import Item, Reader, records
+from pzscale.readers.base import Item, Reader, keys_only, records
 from pzscale.readers.folder import check_member_name
 from pzscale.schema import instrument_family
 
@@ -112,6 +112,21 @@ class EcoTaxaReader(Reader):
         if len(rows) != stop - first:
             raise InputError(f"{item.source}: expected {stop - first} rows from row {first}, found {len(rows)}")
         return records(rows)
+
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        """The ids from the table alone: no image is opened."""
+        if item.error or not item.rows:
+            return keys_only(records([]))
+        info, so = item.info, storage_options or {}
+        if info["member"]:
+            with fsspec.open(info["container"], "rb", **so) as fh, zipfile.ZipFile(fh) as zf, \
+                    zf.open(info["member"]) as tsv:
+                table = read_table(tsv, info["encoding"], first=0, stop=item.rows, **layout(info))
+        else:
+            with fsspec.open(info["container"], "rb", **so) as tsv:
+                table = read_table(tsv, info["encoding"], first=0, stop=item.rows, **layout(info))
+        return keys_only(records(table_records(table, info["source"], lambda name: b"",
+                                               set(info.get("shared_object_ids", ())))))
 
 
 # ---------------------------------------------------------------------------------------------- planning
