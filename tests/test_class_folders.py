@@ -3,6 +3,11 @@ table: the folder names are the labels, trained on and predicted as they are, an
 
 from __future__ import annotations
 
+import io
+import unicodedata
+import warnings
+import zipfile
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -72,3 +77,43 @@ def test_class_folders_without_a_taxonomy_train_and_classify_with_folder_names(f
     assert deepest["images"] == counts["test"] and deepest["accuracy"] >= 0.8, scores
     ds = open_catalog(url)
     assert set(np.unique(ds[f"pred__{card.id}__label"].values)) <= set(CLASSES)
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((6, 9), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_skipped_files_unicode_folder_names_and_repeated_members_in_a_catalog(client, tmp_path):
+    """Issue 17: what a class-folder input skips is in the report, 'Cératium' typed NFC and NFD is one label
+    with distinct ids, and a zip holding one name twice gives two rows."""
+    nfc, nfd = unicodedata.normalize("NFC", "Cératium"), unicodedata.normalize("NFD", "Cératium")
+    root = tmp_path / "lab"
+    for i, name in enumerate((nfc, nfd)):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(_png(40 + i))
+    (root / nfc / "drawing.svg").write_text("<svg/>")
+    (root / nfc / "link.png").symlink_to(root / nfc / "x.png")
+    archive = tmp_path / "twice.zip"
+    with warnings.catch_warnings(), zipfile.ZipFile(archive, "w") as zf:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of a name written twice: that is the point
+        for value in (50, 60):
+            zf.writestr("top/Noctiluca/x.png", _png(value))
+    url = str(tmp_path / "cat.zarr")
+    report = ingest([str(root), str(archive)], url, source="mylab", shard_len=64, client=client, progress=False)
+    assert report.input_notes == [
+        f"{root}: 2 entries skipped: 1 .svg (vector image, not decoded), 1 symlink(s) (not followed)",
+        f"{root}: 2 row(s) have names equal once Unicode-normalised (NFC): each is read as its own row, its id and "
+        "path ending in '#1', '#2'... in archive order",
+        f"{archive}: 2 row(s) are copies of a member name the archive holds more than once: each is read as its own "
+        "row, its id and path ending in '#1', '#2'... in archive order",
+    ]
+    assert f"NOTE {root}: 2 entries skipped" in str(report)
+    ds = open_catalog(url).drop_vars("image_bytes").compute()
+    assert ds.sizes["image"] == 4 and set(ds["status"].values) == {"ok"}  # rows planned = rows read
+    assert list(ds["original_label"].values) == [nfc, nfc, "Noctiluca", "Noctiluca"]  # one label, NFC
+    assert len(set(ds["image_id"].values)) == 4
+    assert sorted(ds["object_id"].values) == sorted([f"{nfc}/x.png#1", f"{nfc}/x.png#2", "Noctiluca/x.png#1",
+                                                     "Noctiluca/x.png#2"])
+    assert set(ds["qc"].values) == {""}

@@ -6,6 +6,11 @@ image is the name of the folder holding it, whatever lies above (archives often 
 target folder if extracted (absolute paths, ``..``, links, devices) are still refused at plan time: they mark a
 crafted or broken archive, and other tools (Planktonzilla's pipeline included) extract these archives to disk.
 So are decompression bombs: a member expanding beyond ``pzscale.limits`` (size, compression ratio).
+
+Nothing is left out in silence: files not taken (types Pillow cannot decode, hidden files, symlinks, which are not
+followed, images outside any class folder) are counted per input and reported in one ``Item.notes`` line. A member
+name an archive holds twice is read twice, as two rows; so are two files whose names differ only in their Unicode
+form (NFC/NFD, which the ingest makes one): such rows get ids (and paths) ending in ``#1``, ``#2``, ... in order.
 """
 
 from __future__ import annotations
@@ -16,21 +21,57 @@ import posixpath
 import re
 import stat
 import tarfile
+import unicodedata
+import warnings
 import zipfile
 import zlib
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
+from PIL import features
 
 from pzscale import limits
 from pzscale.errors import InputError, one_line
 from pzscale.faults import is_transient
-from pzscale.readers.base import Item, Reader, records
+from pzscale.readers.base import Item, Reader, keys_only, records
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
+# Image types read when this Pillow decodes them (WebP, AVIF and JPEG 2000 are optional parts of Pillow).
+OPTIONAL_TYPES = {".webp": ("webp", "WebP"), ".avif": ("avif", "AVIF"), ".jp2": ("jpg_2000", "JPEG 2000"),
+                  ".j2k": ("jpg_2000", "JPEG 2000")}
+
+
+def _pillow_has(feature: str) -> bool:
+    with warnings.catch_warnings():  # an older Pillow warns of a feature it does not know (AVIF before 11.2)
+        warnings.simplefilter("ignore")
+        try:
+            return bool(features.check(feature))
+        except Exception:  # noqa: BLE001 - a feature Pillow cannot tell about is one it lacks
+            return False
+
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
+                             | {ext for ext, (feature, _) in OPTIONAL_TYPES.items() if _pillow_has(feature)})
+# Image types that are skipped, and why (said in the skipped-files note).
+UNREADABLE_TYPES = {
+    ".svg": "vector image, not decoded", ".svgz": "vector image, not decoded",
+    ".heic": "HEIF, no decoder", ".heif": "HEIF, no decoder",
+    **{ext: f"no {what} support in this Pillow" for ext, (_, what) in OPTIONAL_TYPES.items()
+       if ext not in IMAGE_EXTENSIONS},
+}
+SKIP_PHRASES = {  # counted reasons other than a file type, in the order the note gives them
+    "symlink": "symlink(s) (not followed)",
+    "special": "special file(s) (fifo, socket, device)",
+    "hidden": "hidden file(s) (dot files, __MACOSX)",
+    "hidden_dir": "hidden folder(s) (not entered)",
+    "outside": "image(s) outside any class folder",
+    "unreadable_dir": "unreadable folder(s) (permission or I/O error)",
+}
+LISTED_TYPES = 6  # other file types the note names one by one
 ARCHIVE_SUFFIXES = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar", ".zip": "zip"}
 PEEK_MEMBERS = 50  # archive members guess_can_open looks at
 PEEK_LISTINGS = 30  # folder listings guess_can_open may make
@@ -141,61 +182,123 @@ def is_image_name(filename: str) -> bool:
     return not filename.startswith(".") and posixpath.splitext(filename)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _parts(name: str) -> list[str]:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def skip_reason(name: str) -> str | None:
+    """Why a file of a class-folder tree (its name relative to the root) is not taken; None when it is.
+
+    'hidden', 'outside' (an image with no folder above it) or 'type:<extension>' (not an image type read here).
+    """
+    parts = _parts(name)
+    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):  # dot files, hidden and macOS folders
+        return "hidden"
+    extension = posixpath.splitext(parts[-1])[1].lower()
+    if extension not in IMAGE_EXTENSIONS:
+        return f"type:{extension or '(no extension)'}"
+    return "outside" if len(parts) < 2 else None
+
+
 def class_and_file(name: str) -> tuple[str, str] | None:
     """(class folder, file name) of an image member in a class folder; None for anything else."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if len(parts) < 2 or not is_image_name(parts[-1]):
+    if skip_reason(name) is not None:
         return None
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts[:-1]):  # hidden folders, macOS metadata
-        return None
+    parts = _parts(name)
     return parts[-2], parts[-1]
 
 
-def _local_tree(root: str) -> dict[str, int]:
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: symlinked folders are not entered
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+def skipped_note(path: str, skipped: Counter) -> str:
+    """One line telling how many entries of an input were not taken, and why; '' when none."""
+    total = sum(skipped.values())
+    if not total:
+        return ""
+    types = sorted(((k.removeprefix("type:"), n) for k, n in skipped.items() if k.startswith("type:")),
+                   key=lambda t: (-t[1], t[0]))
+    parts = [f"{n} {ext} ({UNREADABLE_TYPES[ext]})" for ext, n in types if ext in UNREADABLE_TYPES]
+    other = [(ext, n) for ext, n in types if ext not in UNREADABLE_TYPES]
+    if other:
+        listed = ", ".join(f"{n} {ext}" for ext, n in other[:LISTED_TYPES])
+        more = f", {sum(n for _, n in other[LISTED_TYPES:])} more in {len(other) - LISTED_TYPES} other type(s)" \
+            if len(other) > LISTED_TYPES else ""
+        parts.append(f"{sum(n for _, n in other)} not an image type read ({listed}{more})")
+    parts += [f"{skipped[key]} {phrase}" for key, phrase in SKIP_PHRASES.items() if skipped[key]]
+    return f"{path}: {total} {'entry' if total == 1 else 'entries'} skipped: {', '.join(parts)}"
+
+
+def _local_tree(root: str) -> tuple[dict[str, int], Counter]:
+    found, skipped = {}, Counter()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _: skipped.update(["unreadable_dir"])):
+        keep = []
+        for d in dirnames:  # followlinks=False, and symlinked folders are counted, not entered
+            if d.startswith("."):
+                skipped["hidden_dir"] += 1  # not walked: .snapshot, .git and the like can be huge
+            elif os.path.islink(os.path.join(dirpath, d)):
+                skipped["symlink"] += 1
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for filename in filenames:
             full = os.path.join(dirpath, filename)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
-            if class_and_file(rel) is None:
-                continue
             st = os.lstat(full)
-            if stat.S_ISREG(st.st_mode):  # skips symlinks, which may point out of the root, and fifos
+            reason = skip_reason(rel)
+            if reason != "hidden":  # a symlink is one whatever its name says (but a dot file is hidden first)
+                if stat.S_ISLNK(st.st_mode):  # may point out of the root: never followed
+                    reason = "symlink"
+                elif not stat.S_ISREG(st.st_mode):
+                    reason = "special"
+            if reason is None:
                 found[rel] = st.st_size
-    return found
+            else:
+                skipped[reason] += 1
+    return found, skipped
 
 
-def _list_tree(fs: Any, root: str) -> dict[str, int]:
-    """Image files under a folder: relative name -> size."""
+def _list_tree(fs: Any, root: str) -> tuple[dict[str, int], Counter]:
+    """Image files under a folder (relative name -> size), and the files not taken counted by why."""
     if isinstance(fs, LocalFileSystem):
         return _local_tree(root)
     root = root.rstrip("/")
-    return {
-        rel: int(meta.get("size") or 0)
-        for path, meta in fs.find(root, detail=True).items()
-        if class_and_file(rel := posixpath.relpath(path, root)) is not None
-    }
+    found, skipped = {}, Counter()
+    for path, meta in fs.find(root, detail=True).items():
+        rel = posixpath.relpath(path, root)
+        if (reason := skip_reason(rel)) is None:
+            found[rel] = int(meta.get("size") or 0)
+        else:
+            skipped[reason] += 1
+    return found, skipped
 
 
-def _list_archive(archive: str, fh: IO[bytes], kind: str) -> dict[str, list[int]]:
-    """Image members of an archive: name -> [offset, size] (tar) or [] (zip). A repeated name keeps the last."""
-    found: dict[str, list[int]] = {}
+def _list_archive(archive: str, fh: IO[bytes], kind: str) -> tuple[list[tuple[str, list[int]]], Counter]:
+    """Image members of an archive in archive order, as (name, [offset, size]) (tar) or (name, [index]) (zip,
+    the position in its central directory), and the members not taken counted by why. A name the archive holds
+    twice is listed twice: each copy is a row."""
+    found: list[tuple[str, list[int]]] = []
+    skipped: Counter = Counter()
     if kind == "zip":
         bounds = limits.current()
         with zipfile.ZipFile(fh) as zf:
-            for info in zf.infolist():
+            for index, info in enumerate(zf.infolist()):
                 check_zip_member(archive, info)
-                if not info.is_dir() and class_and_file(info.filename) is not None:
-                    _check_zip_readable(archive, info)
-                    # zipfile stops at the declared size, so checking the declaration bounds the read
-                    bounds.check_member(archive, info.filename, info.file_size, info.compress_size)
-                    found[info.filename] = []
-        return found
+                if info.is_dir():
+                    continue
+                if (reason := skip_reason(info.filename)) is not None:
+                    skipped[reason] += 1
+                    continue
+                _check_zip_readable(archive, info)
+                # zipfile stops at the declared size, so checking the declaration bounds the read
+                bounds.check_member(archive, info.filename, info.file_size, info.compress_size)
+                found.append((info.filename, [index]))
+        return found, skipped
     for member in tar_members(archive, fh, gz=kind == "tar.gz"):
-        if member.isfile() and class_and_file(member.name) is not None:
-            found[member.name] = [member.offset_data, member.size]
-    return found
+        if not member.isfile():
+            continue  # folders: links and devices were refused by tar_members
+        if (reason := skip_reason(member.name)) is not None:
+            skipped[reason] += 1
+        else:
+            found.append((member.name, [member.offset_data, member.size]))
+    return found, skipped
 
 
 def _check_zip_readable(archive: str, info: zipfile.ZipInfo) -> None:
@@ -265,33 +368,47 @@ class ClassFolderReader(Reader):
         path = str(path)
         fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
         kind = container_kind(path)
-        spans: dict[str, list[int]] = {}
         try:
             if kind is None:
                 if not fs.isdir(fpath):
                     raise InputError(f"{path}: not a folder, .tar, .tar.gz, .tgz or .zip")
-                sizes = _list_tree(fs, fpath)
+                sizes, skipped = _list_tree(fs, fpath)
                 size, kind = sum(sizes.values()), "dir"
+                found = [(name, []) for name in sizes]
             else:
                 size = fs.size(fpath)
                 with fs.open(fpath, "rb") as fh:
-                    spans = _list_archive(path, fh, kind)
-                sizes = dict.fromkeys(spans, 0)
+                    found, skipped = _list_archive(path, fh, kind)
         except ARCHIVE_ERRORS as e:
             if is_transient(e):
                 raise
             raise InputError(f"{path}: not a readable {kind or 'folder'} ({one_line(e)})") from None
-        members = sorted(sizes)
+        found.sort(key=lambda entry: entry[0])  # stable: copies of one name stay in archive order
+        members = [name for name, _ in found]
+        note = skipped_note(path, skipped)
         if not members:
-            raise InputError(f"{path}: no images in <class>/<image> folders (extensions {sorted(IMAGE_EXTENSIONS)})")
+            raise InputError(f"{path}: no images in <class>/<image> folders (extensions {sorted(IMAGE_EXTENSIONS)})"
+                             + (f"; {note.removeprefix(f'{path}: ')}" if note else ""))
         info: dict[str, Any] = {"path": path, "container": kind, "members": members,
                                 "source": source or default_source(path)}
         if kind in ("tar", "tar.gz"):
-            info["spans"] = [spans[m] for m in members]
-        long_ids = _colliding(members)
+            info["spans"] = [where for _, where in found]
+        long_ids = _colliding(sorted(set(members)))
         if long_ids:
             info["long_ids"] = long_ids
-        return [Item(source=path, rows=len(members), size=size, info=info)]
+        numbered, repeated = _numbered(members, set(long_ids))
+        if numbered:
+            info["numbered"] = numbered
+            if kind == "zip":  # a repeated name is read by its position: zipfile's lookup by name finds the last
+                info["indexes"] = [where[0] for _, where in found]
+        notes = [note] if note else []
+        if numbered:
+            why = [f"{n} row(s) {text}" for n, text in (
+                (repeated, "are copies of a member name the archive holds more than once"),
+                (len(numbered) - repeated, "have names equal once Unicode-normalised (NFC)")) if n]
+            notes.append(f"{path}: {'; '.join(why)}: each is read as its own row, its id and path ending in "
+                         "'#1', '#2'... in archive order")
+        return [Item(source=path, rows=len(members), size=size, info=info, notes=notes)]
 
     def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
         info = item.info
@@ -311,7 +428,11 @@ class ClassFolderReader(Reader):
                 with fs.open(fpath, "rb") as fh:
                     if kind == "zip":
                         with zipfile.ZipFile(fh) as zf:
-                            data = [zf.read(n) for n in names]
+                            if "indexes" in info:
+                                listed = zf.infolist()
+                                data = [zf.read(listed[i]) for i in info["indexes"][first:stop]]
+                            else:
+                                data = [zf.read(n) for n in names]
                     else:
                         spans = [tuple(s) for s in info["spans"][first:stop]]
                         data = read_spans(fh, spans, gz=kind == "tar.gz")
@@ -319,18 +440,32 @@ class ClassFolderReader(Reader):
             if is_transient(e):
                 raise
             raise InputError(f"{path}: cannot read images {first}-{stop} ({one_line(e)})") from None
-        long_ids = set(info.get("long_ids", ()))
-        rows = []
-        for name, content in zip(names, data, strict=True):
-            label, filename = class_and_file(name) or ("", name)
-            rows.append({
-                "image": {"bytes": content, "path": name},
-                "dataset": item.info["source"],
-                "original_label": label,
-                "original_path": f"/{label}/{filename}",
-                "ObjID": name if name in long_ids else f"{label}/{filename}",
-            })
+        rows = _rows(info, first, stop)
+        for row, content in zip(rows, data, strict=True):
+            row["image"]["bytes"] = content
         return records(rows)
+
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        """The ids from the plan alone: they are made of member names, so no image is read."""
+        return keys_only(records(_rows(item.info, 0, item.rows)))
+
+
+def _rows(info: dict[str, Any], first: int, stop: int) -> list[dict[str, Any]]:
+    """Records of rows [first, stop) without their image bytes: everything but the bytes comes from the plan."""
+    long_ids = set(info.get("long_ids", ()))
+    numbers = _numbers_between(info.get("numbered", []), first, stop)
+    rows = []
+    for row, name in enumerate(info["members"][first:stop], start=first):
+        label, filename = class_and_file(name) or ("", name)
+        suffix = f"#{numbers[row]}" if row in numbers else ""
+        rows.append({
+            "image": {"bytes": b"", "path": name + suffix},
+            "dataset": info["source"],
+            "original_label": label,
+            "original_path": f"/{label}/{filename}{suffix}",
+            "ObjID": (name if name in long_ids else f"{label}/{filename}") + suffix,
+        })
+    return rows
 
 
 def _colliding(members: list[str]) -> list[str]:
@@ -341,5 +476,30 @@ def _colliding(members: list[str]) -> list[str]:
     seen: dict[str, list[str]] = {}
     for name in members:
         label, filename = class_and_file(name) or ("", name)
-        seen.setdefault(f"{label}/{filename}", []).append(name)
+        seen.setdefault(unicodedata.normalize("NFC", f"{label}/{filename}"), []).append(name)  # as the ingest has it
     return sorted(n for group in seen.values() if len(group) > 1 for n in group)
+
+
+def _numbered(members: list[str], long_ids: set[str]) -> tuple[list[list[int]], int]:
+    """[row, n] for rows whose id (NFC, as the ingest stores it) another row shares even with long ids: the same
+    name twice in an archive, or names that differ only in Unicode form. Each group is numbered 1, 2... in row
+    order. Also returns how many of them are copies of a repeated name."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(members):
+        label, filename = class_and_file(name) or ("", name)
+        key = unicodedata.normalize("NFC", name if name in long_ids else f"{label}/{filename}")
+        groups.setdefault(key, []).append(row)
+    numbered = sorted([row, n] for rows in groups.values() if len(rows) > 1 for n, row in enumerate(rows, start=1))
+    counts = Counter(members)
+    return numbered, sum(1 for row, _ in numbered if counts[members[row]] > 1)
+
+
+def _numbers_between(numbered: list[list[int]], first: int, stop: int) -> dict[int, int]:
+    """The numbers of rows [first, stop) from the plan's sorted [row, n] pairs."""
+    start = bisect_left(numbered, [first])
+    out = {}
+    for row, n in numbered[start:]:
+        if row >= stop:
+            break
+        out[row] = n
+    return out

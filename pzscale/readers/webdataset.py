@@ -2,8 +2,15 @@
 
 A shard is a plain tar whose members are grouped into samples by key, the member name up to the first dot of its
 basename: ``image_12.jpg`` + ``image_12.txt`` (the lineage text, "animalia arthropoda copepoda calanoida") and
-optionally ``image_12.json`` (metadata). A sample counts as a row when it has an image; stray members without
-one are ignored. Members are read by their offsets in the tar, found once at plan time.
+optionally ``image_12.json`` (metadata) or ``image_12.cls`` (a class index, the label when nothing else gives one).
+A sample counts as a row when it has an image; what is not read (samples without an image, members of other
+fields, repeated names) is counted in one ``Item.notes`` line per shard. Members are read by their offsets in the
+tar, found once at plan time.
+
+Metadata is taken per sample: a json that does not parse (or is no object) loses its fields but not the row, which
+gets the QC flag ``json_unparsed``; a number field that is no number ("abc", a latitude of "north") is left out
+with ``<catalog name>_unparsed`` (``lat_unparsed``...), as EcoTaxa's reader does; a .cls that is no integer gets
+``cls_unparsed`` and a .txt that is no UTF-8 ``txt_unparsed``. Flags travel in the records' ``reader_qc``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import math
 import posixpath
 import re
+from collections import Counter
 from typing import IO, Any
 
 import fsspec
@@ -19,14 +27,18 @@ import pyarrow as pa
 
 from pzscale.errors import InputError, one_line
 from pzscale.faults import is_transient
-from pzscale.readers.base import Item, Reader, records
+from pzscale.readers.base import NUMBER_COLUMNS, Item, Reader, keys_only, records
+from pzscale.readers.ecotaxa import MISSING_WORDS, parse_coordinate, parse_number
 from pzscale.readers.folder import ARCHIVE_ERRORS, IMAGE_EXTENSIONS, read_spans, tar_members
+from pzscale.schema import NUMBER_FROM_PARQUET
 
 DEFAULT_SOURCE = "webdataset"
 PEEK_MEMBERS = 20  # tar members guess_can_open looks at
 KEY_AND_FIELD = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]+)$")  # WebDataset's split: key . field (field may hold dots)
-JSON_TEXT = ("dataset", "original_label", "timestamp")
-JSON_NUMBERS = ("Latitude", "Longitude")
+JSON_TEXT = ("dataset", "original_label", "timestamp")  # text as given: the ingest parses (and flags) timestamps
+# number fields, named as Planktonzilla's parquet columns, and the catalog name their QC flag uses (lat_unparsed)
+JSON_NUMBERS = {column: name for name, column in NUMBER_FROM_PARQUET.items() if column in NUMBER_COLUMNS}
+METADATA_FIELDS = ("txt", "json", "cls")
 
 
 def key_and_field(name: str) -> tuple[str, str] | None:
@@ -53,69 +65,128 @@ def _shard_paths(path: str, storage_options: dict | None) -> list[str]:
     return [prefix + p for p in sorted(found) if p.lower().endswith(".tar")]
 
 
-def _group(shard: str, fh: IO[bytes], limit: int | None = None) -> dict[str, dict[str, list]]:
-    """Sample key -> field -> [member name, offset, size], from the tar headers (a repeated name keeps the last)."""
+def _group(shard: str, fh: IO[bytes], limit: int | None = None,
+           odd: Counter | None = None) -> dict[str, dict[str, list]]:
+    """Sample key -> field -> [member name, offset, size], from the tar headers. A repeated name keeps the last
+    copy; files with no ``<key>.<field>`` name and repeated names are counted in ``odd`` when given."""
     samples: dict[str, dict[str, list]] = {}
+    odd = Counter() if odd is None else odd
     for count, member in enumerate(tar_members(shard, fh), start=1):
-        split = key_and_field(member.name) if member.isfile() else None
-        if split is not None:
-            samples.setdefault(split[0], {})[split[1]] = [member.name, member.offset_data, member.size]
+        if member.isfile():
+            split = key_and_field(member.name)
+            if split is None:
+                odd["unnamed"] += 1
+            else:
+                fields = samples.setdefault(split[0], {})
+                odd["repeated"] += split[1] in fields
+                fields[split[1]] = [member.name, member.offset_data, member.size]
         if limit is not None and count >= limit:
             break
     return samples
 
 
-def _sample_entry(key: str, fields: dict[str, list]) -> dict[str, Any] | None:
-    """What ``read`` needs of one sample: its image, text and json members; None without an image."""
+def _sample_entry(key: str, fields: dict[str, list], odd: Counter) -> dict[str, Any] | None:
+    """What ``read`` needs of one sample: its image, text, json and cls members; None without an image.
+    What is not read is counted in ``odd``."""
     images = sorted(f for f in fields if is_image_field(f))
     if not images:
+        odd["no_image"] += 1
+        odd["no_image_members"] += len(fields)
         return None
     entry: dict[str, Any] = {"key": key, "image": fields[images[0]]}  # several images: the first field by name
-    for field in ("txt", "json"):
-        if field in fields:
+    odd["more_images"] += len(images) - 1
+    for field in fields:
+        if field in METADATA_FIELDS:
             entry[field] = fields[field]
+        elif not is_image_field(field):
+            odd[f"field:.{field}"] += 1
     return entry
+
+
+def _shard_note(shard: str, odd: Counter) -> str:
+    """One line telling what of a shard is not read; '' when everything is."""
+    parts = []
+    if odd["no_image"]:
+        parts.append(f"{odd['no_image']} sample(s) without an image skipped ({odd['no_image_members']} member(s))")
+    if odd["more_images"]:
+        parts.append(f"{odd['more_images']} more image(s) of a sample that has several (its first image field by "
+                     "name is read)")
+    fields = sorted(((k.removeprefix("field:"), n) for k, n in odd.items() if k.startswith("field:") and n),
+                    key=lambda t: (-t[1], t[0]))
+    if fields:
+        parts.append(f"{sum(n for _, n in fields)} member(s) of fields not read "
+                     f"({', '.join(f'{n} {f}' for f, n in fields)})")
+    if odd["repeated"]:
+        parts.append(f"{odd['repeated']} member name(s) repeated in the tar (the last copy is read)")
+    if odd["unnamed"]:
+        parts.append(f"{odd['unnamed']} file(s) with no <key>.<field> name (hidden, or no extension)")
+    return f"{shard}: {'; '.join(parts)}" if parts else ""
 
 
 def _plan_shard(shard: str, source: str, storage_options: dict | None) -> Item:
     fs, fpath = fsspec.core.url_to_fs(shard, **(storage_options or {}))
+    odd: Counter = Counter()
     try:
         size = fs.size(fpath)
         with fs.open(fpath, "rb") as fh:
-            grouped = _group(shard, fh)
+            grouped = _group(shard, fh, odd=odd)
     except ARCHIVE_ERRORS as e:  # one bad shard among many is reported, not fatal
         if is_transient(e):
             raise
         return Item(source=shard, rows=0, size=0, info={"path": shard, "source": source},
                     error=f"{shard}: not a readable tar "
                     f"({one_line(e)})")
-    samples = [e for key in sorted(grouped) if (e := _sample_entry(key, grouped[key])) is not None]
+    samples = [e for key in sorted(grouped) if (e := _sample_entry(key, grouped[key], odd)) is not None]
     error = "" if samples else f"{shard}: no samples with an image"
+    note = _shard_note(shard, odd)
     return Item(source=shard, rows=len(samples), size=size, info={"path": shard, "source": source, "samples": samples},
-                error=error)
+                error=error, notes=[note] if note and samples else [])
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
+def _number(column: str, value: Any) -> tuple[float | None, bool]:
+    """A json value as a finite float, and whether it was given but is no number (bool, "abc", inf, a list)."""
+    if value is None or isinstance(value, float) and math.isnan(value):  # null or NaN: no value
+        return None, False
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None, True
+    if isinstance(value, str):
+        if value.strip().lower() in MISSING_WORDS:
+            return None, False
+        number = parse_coordinate(value) if column in ("Latitude", "Longitude") else parse_number(value.strip())
+        return number, number is None
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    except OverflowError:  # a json integer beyond any float
+        return None, True
+    return (number, False) if math.isfinite(number) else (None, True)
 
 
-def _metadata(raw: bytes) -> dict[str, Any]:
-    """Record columns from a sample's json; an unreadable json only loses that sample's metadata."""
+def _metadata(raw: bytes) -> tuple[dict[str, Any], list[str]]:
+    """Record columns from a sample's json, and the QC flags of what did not parse; an unreadable json only
+    loses that sample's metadata."""
     try:
         meta = json.loads(raw)
-    except ValueError:
-        return {}
+    except ValueError:  # not JSON, or not UTF-8
+        return {}, ["json_unparsed"]
     if not isinstance(meta, dict):
-        return {}
+        return {}, ["json_unparsed"]
     out: dict[str, Any] = {k: str(meta[k]) for k in JSON_TEXT if meta.get(k) not in (None, "")}
-    out.update({k: n for k in JSON_NUMBERS if (n := _number(meta.get(k))) is not None})
-    return out
+    flags = []
+    for column, name in JSON_NUMBERS.items():
+        number, unparsed = _number(column, meta.get(column))
+        if number is not None:
+            out[column] = number
+        elif unparsed:
+            flags.append(f"{name}_unparsed")
+    return out, flags
+
+
+def _text(raw: bytes) -> tuple[str, bool]:
+    """A .txt or .cls member as stripped text, and whether it was no UTF-8 (undecodable bytes are replaced)."""
+    try:
+        return raw.decode("utf-8").strip(), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace").strip(), True
 
 
 class WebDatasetReader(Reader):
@@ -147,32 +218,55 @@ class WebDatasetReader(Reader):
         return items
 
     def read(self, item: Item, first: int, stop: int, *, storage_options: dict | None = None) -> pa.Table:
-        shard, samples = item.info["path"], item.info["samples"][first:stop]
-        wanted = [(s, field) for s in samples for field in ("image", "txt", "json") if field in s]
-        fs, fpath = fsspec.core.url_to_fs(shard, **(storage_options or {}))
-        try:
-            with fs.open(fpath, "rb") as fh:
-                data = read_spans(fh, [(s[field][1], s[field][2]) for s, field in wanted])
-        except ARCHIVE_ERRORS as e:
-            if is_transient(e):
-                raise
-            raise InputError(f"{shard}: cannot read samples {first}-{stop} ({one_line(e)})") from None
-        content = {(s["key"], field): d for (s, field), d in zip(wanted, data, strict=True)}
-        name = posixpath.basename(shard)
-        stem = name[: -len(".tar")]
-        rows = []
-        for sample in samples:
-            key, image = sample["key"], sample["image"][0]
-            row: dict[str, Any] = {
-                "image": {"bytes": content[key, "image"], "path": image},
-                "dataset": item.info["source"],
-                "original_path": f"/{name}/{image}",
-                "ObjID": f"{stem}/{key}",
-            }
-            if "txt" in sample:
-                text = content[key, "txt"].decode("utf-8", errors="replace").strip()
-                row["lineage"] = row["original_label"] = text
-            if "json" in sample:
-                row.update(_metadata(content[key, "json"]))  # the json's dataset and label win when given
-            rows.append(row)
-        return records(rows)
+        return records(_rows(item, first, stop, ("image", *METADATA_FIELDS), storage_options))
+
+    def read_keys(self, item: Item, *, storage_options: dict | None = None) -> pa.Table:
+        """The ids without the images: only the json members are read (their dataset wins over the default)."""
+        return keys_only(records(_rows(item, 0, item.rows, ("json",), storage_options)))
+
+
+def _rows(item: Item, first: int, stop: int, fields: tuple[str, ...], storage_options: dict | None) -> list[dict]:
+    """Records of samples [first, stop) from the members of ``fields`` (an image not read has empty bytes)."""
+    if not item.rows:
+        return []
+    shard, samples = item.info["path"], item.info["samples"][first:stop]
+    wanted = [(s, field) for s in samples for field in fields if field in s]
+    fs, fpath = fsspec.core.url_to_fs(shard, **(storage_options or {}))
+    try:
+        with fs.open(fpath, "rb") as fh:
+            data = read_spans(fh, [(s[field][1], s[field][2]) for s, field in wanted])
+    except ARCHIVE_ERRORS as e:
+        if is_transient(e):
+            raise
+        raise InputError(f"{shard}: cannot read samples {first}-{stop} ({one_line(e)})") from None
+    content = {(s["key"], field): d for (s, field), d in zip(wanted, data, strict=True)}
+    name = posixpath.basename(shard)
+    stem = name[: -len(".tar")]
+    rows = []
+    for sample in samples:
+        key, image = sample["key"], sample["image"][0]
+        row: dict[str, Any] = {
+            "image": {"bytes": content.get((key, "image"), b""), "path": image},
+            "dataset": item.info["source"],
+            "original_path": f"/{name}/{image}",
+            "ObjID": f"{stem}/{key}",
+        }
+        flags = []
+        if (key, "txt") in content:
+            text, undecodable = _text(content[key, "txt"])
+            row["lineage"] = row["original_label"] = text
+            flags += ["txt_unparsed"] if undecodable else []
+        if (key, "json") in content:
+            meta, unparsed = _metadata(content[key, "json"])
+            row.update(meta)  # the json's dataset and label win when given
+            flags += unparsed
+        if (key, "cls") in content:
+            index, undecodable = _text(content[key, "cls"])
+            if re.fullmatch(r"[+-]?\d+", index):
+                if not row.get("original_label"):  # a class index is the label only when nothing else gives one
+                    row["original_label"] = str(int(index))
+            elif index or undecodable:
+                flags.append("cls_unparsed")
+        row["reader_qc"] = ";".join(flags)
+        rows.append(row)
+    return rows

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import stat
 import tarfile
+import unicodedata
+import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
+from pzscale import images
 from pzscale.errors import InputError
 from pzscale.readers.folder import ClassFolderReader, check_member_name
 
@@ -269,3 +274,177 @@ def test_symlinks_in_a_folder_are_not_followed(tree, tmp_path):
     (root / "topdir" / "Secret").symlink_to(outside / "Secret", target_is_directory=True)
     [item] = READER.plan(str(root))
     assert item.info["members"] == _expected_images(tree)
+
+
+# ---------------------------------------------------------------- nothing left out in silence (issue 17)
+
+
+def _webp_read() -> bool:
+    return features.check("webp")
+
+
+@pytest.fixture
+def mixed_tree(tmp_path) -> Path:
+    """classes/<class>/<file> with files of every kind the reader takes or skips, in known numbers."""
+    root = tmp_path / "classes"
+    (root / "A").mkdir(parents=True)
+    (root / "B").mkdir()
+    (root / "A" / "ok1.png").write_bytes(_image_bytes("PNG", 1))
+    (root / "A" / "ok2.jpg").write_bytes(_image_bytes("JPEG", 2))
+    (root / "A" / "empty.png").write_bytes(b"")  # taken: a missing_image row, not a skip
+    (root / "B" / "w1.webp").write_bytes(_image_bytes("WEBP", 3))
+    (root / "B" / "w2.WEBP").write_bytes(_image_bytes("WEBP", 4))
+    (root / "A" / "v.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (root / "B" / "notes.txt").write_text("x")
+    (root / "B" / "data.csv").write_text("1,2")
+    (root / "B" / "noext").write_text("x")
+    (root / "A" / ".hidden.png").write_bytes(_image_bytes("PNG", 5))  # hidden: 2 files and 1 folder's file
+    (root / "B" / ".DS_Store").write_bytes(b"\0")
+    (root / "__MACOSX" / "A").mkdir(parents=True)
+    (root / "__MACOSX" / "A" / "._ok1.png").write_bytes(b"fork")
+    (root / ".snapshot" / "A").mkdir(parents=True)  # a hidden folder: counted once, never entered
+    (root / ".snapshot" / "A" / "ok1.png").write_bytes(_image_bytes("PNG", 1))
+    outside = tmp_path / "outside"
+    (outside / "Secret").mkdir(parents=True)
+    (outside / "Secret" / "evil.png").write_bytes(_image_bytes("PNG", 9))
+    (root / "A" / "link.png").symlink_to(root / "A" / "ok1.png")  # 3 symlinks: a file, a broken one, a folder
+    (root / "B" / "broken.png").symlink_to(tmp_path / "missing.png")
+    (root / "Secret").symlink_to(outside / "Secret", target_is_directory=True)
+    os.mkfifo(root / "A" / "pipe.png")  # not a regular file
+    (root / "loose.png").write_bytes(_image_bytes("PNG", 6))  # an image in no class folder
+    return root
+
+
+def test_files_not_taken_from_a_folder_are_counted_in_one_note_per_input(mixed_tree):
+    [item] = READER.plan(str(mixed_tree))
+    webp = ["B/w1.webp", "B/w2.WEBP"] if _webp_read() else []
+    assert item.info["members"] == sorted(["A/empty.png", "A/ok1.png", "A/ok2.jpg", *webp])
+    types = "1 .svg (vector image, not decoded)" + ("" if _webp_read() else
+                                                    ", 2 .webp (no WebP support in this Pillow)")
+    total = 13 + (0 if _webp_read() else 2)
+    assert item.notes == [
+        f"{mixed_tree}: {total} entries skipped: {types}, 3 not an image type read (1 (no extension), 1 .csv, "
+        "1 .txt), 3 symlink(s) (not followed), 1 special file(s) (fifo, socket, device), 3 hidden file(s) "
+        "(dot files, __MACOSX), 1 hidden folder(s) (not entered), 1 image(s) outside any class folder"
+    ]
+    rows = READER.read(item, 0, item.rows).to_pylist()
+    assert len(rows) == item.rows  # planned rows are the rows read
+    by_path = {r["image"]["path"]: r for r in rows}
+    assert by_path["A/empty.png"]["image"]["bytes"] == b""
+    for name in webp:  # WebP is read when Pillow decodes it, and it does decode
+        assert by_path[name]["original_label"] == "B"
+        assert images.probe(by_path[name]["image"]["bytes"])[:2] == (6, 9)
+
+
+def test_an_input_with_only_skipped_files_says_why_it_has_no_images(tmp_path):
+    (tmp_path / "svgs" / "A").mkdir(parents=True)
+    for i in range(2):
+        (tmp_path / "svgs" / "A" / f"{i}.svg").write_text("<svg/>")
+    with pytest.raises(InputError, match=r"no images in .*; 2 entries skipped: 2 \.svg \(vector image"):
+        READER.plan(str(tmp_path / "svgs"))
+
+
+def test_skip_notes_without_skips_and_with_many_types():
+    from pzscale.readers.folder import skipped_note
+
+    assert skipped_note("x", Counter()) == ""
+    many = Counter({f"type:.e{i}": 1 for i in range(8)} | {"type:.txt": 3})
+    assert skipped_note("x", many) == ("x: 11 entries skipped: 11 not an image type read (3 .txt, 1 .e0, 1 .e1, "
+                                       "1 .e2, 1 .e3, 1 .e4, 3 more in 3 other type(s))")
+    assert skipped_note("x", Counter(symlink=1)) == "x: 1 entry skipped: 1 symlink(s) (not followed)"
+
+
+def _archive_members() -> list[tuple[str, bytes]]:
+    return [("top/A/x.png", _image_bytes("PNG", 1)), ("top/A/y.webp", _image_bytes("WEBP", 2)),
+            ("top/A/z.svg", b"<svg/>"), ("top/A/.hid.png", b"x"), ("__MACOSX/top/A/._x.png", b"fork"),
+            ("top/README.md", b"readme"), ("loose.png", _image_bytes("PNG", 3)), ("top/B/n.txt", b"x")]
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:
+        tar.addfile(_dir_info("top"))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def _write_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of a name written twice: that is the point
+        zf.writestr("top/", b"")
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_archive_members_not_taken_are_counted(tmp_path, kind):
+    path = tmp_path / f"classes.{kind}"
+    if kind == "zip":
+        _write_zip(path, _archive_members())
+    else:
+        _write_tar(path, _archive_members(), "w:gz" if kind == "tar.gz" else "w")
+    [item] = READER.plan(str(path))
+    webp = _webp_read()
+    assert item.info["members"] == ["top/A/x.png", *(["top/A/y.webp"] if webp else [])]
+    types = "1 .svg (vector image, not decoded)" + ("" if webp else ", 1 .webp (no WebP support in this Pillow)")
+    assert item.notes == [f"{path}: {6 if webp else 7} entries skipped: {types}, 2 not an image type read (1 .md, "
+                          "1 .txt), 2 hidden file(s) (dot files, __MACOSX), 1 image(s) outside any class folder"]
+    assert READER.read(item, 0, item.rows).num_rows == item.rows
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_a_member_name_held_twice_is_read_twice_as_distinct_rows(tmp_path, kind):
+    first, second, other = _image_bytes("PNG", 10), _image_bytes("PNG", 20), _image_bytes("PNG", 30)
+    members = [("top/A/x.png", first), ("top/B/y.png", other), ("top/A/x.png", second)]
+    path = tmp_path / f"twice.{kind}"
+    if kind == "zip":
+        _write_zip(path, members)
+    else:
+        _write_tar(path, members, "w:gz" if kind == "tar.gz" else "w")
+    [item] = READER.plan(str(path))
+    assert item.rows == 3 and item.info["members"] == ["top/A/x.png", "top/A/x.png", "top/B/y.png"]
+    assert item.notes == [f"{path}: 2 row(s) are copies of a member name the archive holds more than once: each is "
+                          "read as its own row, its id and path ending in '#1', '#2'... in archive order"]
+    rows = READER.read(item, 0, item.rows).to_pylist()
+    assert [r["image"]["bytes"] for r in rows] == [first, second, other]  # both copies, in archive order
+    assert [r["ObjID"] for r in rows] == ["A/x.png#1", "A/x.png#2", "B/y.png"]
+    assert [r["original_path"] for r in rows] == ["/A/x.png#1", "/A/x.png#2", "/B/y.png"]
+    assert [r["image"]["path"] for r in rows] == ["top/A/x.png#1", "top/A/x.png#2", "top/B/y.png"]
+    for lo in range(3):  # any sub-range numbers its rows as the full read does
+        assert READER.read(item, lo, lo + 1).to_pylist() == rows[lo:lo + 1]
+
+
+def test_class_folders_equal_once_unicode_normalised_keep_distinct_ids(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "Cératium"), unicodedata.normalize("NFD", "Cératium")
+    assert nfc != nfd
+    root = tmp_path / "unicode"
+    for i, name in enumerate((nfc, nfd)):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(_image_bytes("PNG", 40 + i))
+    (root / nfd / "y.png").write_bytes(_image_bytes("PNG", 50))
+    [item] = READER.plan(str(root))
+    assert item.rows == 3
+    rows = READER.read(item, 0, 3).to_pylist()
+    ids = [unicodedata.normalize("NFC", r["ObjID"]) for r in rows]  # as the ingest stores them
+    assert len(set(ids)) == 3
+    assert sorted(ids) == sorted([f"{nfc}/x.png#1", f"{nfc}/x.png#2", f"{nfc}/y.png"])
+    assert item.notes == [f"{root}: 2 row(s) have names equal once Unicode-normalised (NFC): each is read as its "
+                          "own row, its id and path ending in '#1', '#2'... in archive order"]
+
+
+def test_read_keys_gives_the_ids_of_read_without_the_images(inputs, mixed_tree, tmp_path):
+    from pzscale.readers.base import keys_only
+
+    twice = _write_zip(tmp_path / "twice.zip", [("top/A/x.png", b"1"), ("top/A/x.png", b"2")])
+    for path in [*inputs.values(), mixed_tree, twice]:
+        [item] = READER.plan(str(path))
+        assert READER.read_keys(item).to_pylist() == keys_only(READER.read(item, 0, item.rows)).to_pylist()

@@ -168,3 +168,90 @@ def test_unsafe_members_are_refused(tmp_path, member, why):
     assert message.startswith(f"{shard}: unsafe member '{name}'") and why in message and "\n" not in message
     assert set(tmp_path.rglob("*")) == before
     assert not (tmp_path.parent / "evil.png").exists()
+
+
+# ---------------------------------------------------------------- malformed metadata is flagged, not lost (issue 17)
+
+MALFORMED = [
+    ("s0.png", _image("PNG", 1)), ("s0.txt", COPEPOD.encode()), ("s0.json", b"{not json"),
+    ("s1.png", _image("PNG", 2)), ("s1.json", b"[1, 2]"),  # JSON, but no object
+    ("s2.png", _image("PNG", 3)),
+    ("s2.json", json.dumps({"Latitude": "north", "Longitude": "abc", "Depth_min": "5", "Temperature": True,
+                            "Humidity": [1], "timestamp": "soon"}).encode()),
+    ("s3.png", _image("PNG", 4)),
+    ("s3.json", json.dumps({"Latitude": "43°30'N", "Longitude": None, "Depth_max": "NaN", "Depth_min": ""}).encode()),
+    ("s4.png", _image("PNG", 5)), ("s4.json", b'{"Latitude": Infinity, "Longitude": 1' + b"0" * 400 + b"}"),
+    ("s5.png", _image("PNG", 6)), ("s5.cls", b"3\n"),  # a class index: the label when nothing else gives one
+    ("s6.png", _image("PNG", 7)), ("s6.cls", b"abc"), ("s6.txt", b"\xff\xfe lineage"),
+    ("s7.png", _image("PNG", 8)), ("s7.json", b'{"Latitude": "\xff"}'),  # no UTF-8
+]
+MALFORMED_QC = ["json_unparsed", "json_unparsed", "lat_unparsed;lon_unparsed;instrument_temperature_unparsed;"
+                "instrument_humidity_unparsed", "", "lat_unparsed;lon_unparsed", "", "txt_unparsed;cls_unparsed",
+                "json_unparsed"]
+
+
+def test_malformed_metadata_is_flagged_per_sample_and_the_image_kept(tmp_path):
+    shard = _write_tar(tmp_path / "bad_00000.tar", MALFORMED)
+    [item] = READER.plan(str(shard))
+    assert item.rows == 8
+    rows = READER.read(item, 0, item.rows).to_pylist()
+    assert len(rows) == item.rows
+    assert [r["reader_qc"] for r in rows] == MALFORMED_QC
+    images = dict(MALFORMED)
+    assert [r["image"]["bytes"] for r in rows] == [images[f"s{i}.png"] for i in range(8)]
+    assert rows[0]["lineage"] == COPEPOD  # the txt survives a broken json
+    assert "Longitude" not in rows[0]  # no sample has a longitude that parses
+    assert (rows[2]["Latitude"], rows[2]["Depth_min"], rows[2].get("Temperature")) == (None, 5.0, None)
+    assert rows[2]["timestamp"] == "soon"  # text: the ingest parses timestamps and flags this one itself
+    assert (rows[3]["Latitude"], rows[3]["Depth_min"], rows[3].get("Depth_max")) == (43.5, None, None)  # NaN, ""
+    assert (rows[5]["original_label"], rows[6]["original_label"]) == ("3", "\ufffd\ufffd lineage")
+    assert [r["reader_qc"] for r in READER.read(item, 2, 5).to_pylist()] == MALFORMED_QC[2:5]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_malformed_metadata_flags_reach_the_catalog_once(tmp_path, client):
+    from pzscale import open_catalog
+    from pzscale.ingest import ingest
+
+    shard = _write_tar(tmp_path / "bad_00000.tar", MALFORMED)
+    url = str(tmp_path / "cat.zarr")
+    ingest([str(shard)], url, format="webdataset", shard_len=64, client=client, progress=False)
+    ds = open_catalog(url).drop_vars("image_bytes").compute()
+    assert ds.sizes["image"] == 8 and set(ds["status"].values) == {"ok"}
+    qc = [q.split(";") if q else [] for q in ds["qc"].values]
+    expected = [f.split(";") if f else [] for f in MALFORMED_QC]
+    expected[2].append("time_unparsed")  # the ingest's own flag for the timestamp "soon"
+    assert [sorted(q) for q in qc] == [sorted(e) for e in expected]  # each flag once, none lost
+    assert np.isnan(ds["lat"].values[2]) and ds["lat"].values[3] == 43.5
+
+
+def test_read_keys_gives_the_ids_of_read_without_the_images(shards, tmp_path):
+    from pzscale.readers.base import keys_only
+
+    items = [*READER.plan(str(shards)), *READER.plan(str(_write_tar(tmp_path / "bad_00000.tar", MALFORMED)))]
+    for item in items:
+        assert READER.read_keys(item).to_pylist() == keys_only(READER.read(item, 0, item.rows)).to_pylist()
+    assert READER.read_keys(items[0]).column("dataset").to_pylist() == ["webdataset", "zooscan", "webdataset"]
+
+
+def test_what_a_shard_does_not_read_is_counted_in_one_note(shards, tmp_path):
+    first, second = READER.plan(str(shards))
+    assert first.notes == [f"{shards / 'shard_00000.tar'}: 1 sample(s) without an image skipped (1 member(s))"]
+    assert second.notes == [f"{shards / 'shard_00001.tar'}: 1 sample(s) without an image skipped (1 member(s))"]
+    old, new = _image("PNG", 60), _image("PNG", 70)
+    shard = _write_tar(tmp_path / "odd_00000.tar", [
+        ("k.png", _image("PNG", 50)), ("k.txt", COPEPOD.encode()), ("k.jpg", _image("JPEG", 80)),
+        ("r.png", old), ("r.png", new),  # a name held twice: the last copy is read
+        ("k.npy", b"\0"), ("k.seg.png", _image("PNG", 90)),
+        ("README", b"x"), (".hidden.txt", b"x"), ("lone.json", b"{}"), ("lone.cls", b"1"),
+    ])
+    [item] = READER.plan(str(shard))
+    assert item.rows == 2
+    assert item.notes == [f"{shard}: 1 sample(s) without an image skipped (2 member(s)); 1 more image(s) of a sample "
+                          "that has several (its first image field by name is read); 2 member(s) of fields not read "
+                          "(1 .npy, 1 .seg.png); 1 member name(s) repeated in the tar (the last copy is read); "
+                          "2 file(s) with no <key>.<field> name (hidden, or no extension)"]
+    k, r = READER.read(item, 0, 2).to_pylist()
+    assert (k["image"]["path"], k["lineage"]) == ("k.jpg", COPEPOD)  # 'jpg' < 'png': the first field by name
+    assert r["image"]["bytes"] == new
