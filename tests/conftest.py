@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +65,24 @@ def clean_catalog(synth_dir, client, tmp_path_factory):
     return url, report, catalog.checksums(url)
 
 
+@pytest.fixture
+def cat_url(clean_catalog, tmp_path) -> str:
+    """A copy of the clean catalog that a test may change or damage."""
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(clean_catalog[0], url)
+    return url
+
+
 SAMPLE_DATA = Path(__file__).resolve().parent / "data"
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"
+
+
+def architecture_example() -> dict:
+    """The namespace of ARCHITECTURE.md's "how to add a stage" block, run as written (``image_area``)."""
+    code = re.search(r"```python\n(.*?)```", ARCHITECTURE.read_text(), re.S).group(1)
+    namespace: dict = {"__name__": "architecture_example"}
+    exec(compile(code, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@ failures named per shard, reads in shard order, and the "how to add a stage" exa
 from __future__ import annotations
 
 import pickle
-import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +11,10 @@ import pytest
 from pzscale import catalog, progress
 from pzscale.errors import StageError
 from pzscale.stage import Catalog, ShardResult, ShardTask, map_shards, pending, run_stage
+from tests.conftest import architecture_example
 
 pytestmark = [pytest.mark.cluster]
 
-ARCHITECTURE = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"
-
-
-@pytest.fixture
-def cat_url(clean_catalog, tmp_path) -> str:
-    url = str(tmp_path / "cat.zarr")
-    shutil.copytree(clean_catalog[0], url)
-    return url
 
 
 def test_the_handle_is_small_picklable_and_knows_the_shape(cat_url):
@@ -124,9 +114,7 @@ def fast_backoff(monkeypatch):
 
 def test_the_architecture_example_is_a_working_stage(cat_url, client):
     """ARCHITECTURE.md's "how to add a stage" block, run as written: it must stay true."""
-    code = re.search(r"```python\n(.*?)```", ARCHITECTURE.read_text(), re.S).group(1)
-    namespace: dict = {"__name__": "architecture_example"}
-    exec(compile(code, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 - our own documentation
+    namespace = architecture_example()
     report = namespace["image_area"](cat_url, client=client, progress=False)
     cat = Catalog.open(cat_url)
     assert report.shards_written == len(cat.shards())

@@ -4,7 +4,6 @@ removed so that rerunning the owning stage (ingest with its sources, or any othe
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,9 @@ from pzscale.errors import StageError
 from pzscale.ingest import ingest
 from pzscale.stage import Catalog
 from pzscale.verify import verify
+from tests.conftest import architecture_example
 
 pytestmark = pytest.mark.cluster
-ARCHITECTURE = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"
-
-
-@pytest.fixture
-def cat_url(clean_catalog, tmp_path) -> str:
-    url = str(tmp_path / "cat.zarr")
-    shutil.copytree(clean_catalog[0], url)
-    return url
 
 
 def _shard_object(url: str, array: str, shard: int) -> Path:
@@ -79,8 +71,7 @@ def test_a_deleted_shard_object_is_found_and_read_only_keeps_the_markers(cat_url
 
 
 def test_a_damaged_stage_array_is_rewritten_by_rerunning_that_stage(cat_url, client):
-    scope: dict = {}
-    exec(re.search(r"```python\n(.*?)```", ARCHITECTURE.read_text(), re.S).group(1), scope)  # the example stage
+    scope = architecture_example()  # the example stage of ARCHITECTURE.md
     scope["image_area"](cat_url, client=client, progress=False)
     obj = _shard_object(cat_url, "image_area", 0)
     obj.write_bytes(b"\0" * obj.stat().st_size)
