@@ -224,12 +224,10 @@ class IdCheck:
                 f"e.g. {self.example}")
 
     def by_shard(self, row_start: int, shard_len: int) -> dict[int, tuple[list[int], list[int]]]:
-        rows = self.shared + row_start
-        out: dict[int, tuple[list[int], list[int]]] = {}
-        for shard in np.unique(rows // shard_len).tolist():
-            here = rows // shard_len == shard
-            out[shard] = (rows[here].tolist(), self.before[here].tolist())
-        return out
+        rows = self.shared + row_start  # sorted: split once at the shard boundaries
+        shards, first = np.unique(rows // shard_len, return_index=True)
+        return {int(shard): (r.tolist(), b.tolist()) for shard, r, b in
+                zip(shards, np.split(rows, first[1:]), np.split(self.before, first[1:]), strict=True)}
 
 
 def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
