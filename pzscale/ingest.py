@@ -224,6 +224,8 @@ class IdCheck:
                 f"e.g. {self.example}")
 
     def by_shard(self, row_start: int, shard_len: int) -> dict[int, tuple[list[int], list[int]]]:
+        if not len(self.shared):
+            return {}
         rows = self.shared + row_start  # sorted: split once at the shard boundaries
         shards, first = np.unique(rows // shard_len, return_index=True)
         return {int(shard): (r.tolist(), b.tolist()) for shard, r, b in
