@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=131072)
     parser.add_argument("--shard-len", type=int, default=None, help="default: 16384 (ingest), 2048 (embed)")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--name", default=None, help="results file name (default: ab-<stage>)")
     args = parser.parse_args()
     shard_len = args.shard_len or (16384 if args.stage == "ingest" else 2048)
     with tempfile.TemporaryDirectory() as work:
@@ -121,7 +122,7 @@ def main() -> None:
     result = {"machine": machine(), "commit": commit(), "stage": args.stage, "images": args.images,
               "shard_len": shard_len, "workers": 2, "base": args.base, "head": args.head, "rounds": rounds,
               "ratio_b_over_a": stats(ratios)}
-    path = save(f"ab-{args.stage}", result)
+    path = save(args.name or f"ab-{args.stage}", result)
     print(f"B/A median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}) -> {path}")
 
 
