@@ -273,7 +273,8 @@ def run_stage(
                          rows=rows or (0, catalog.n_rows), status=dict(status), input_errors=input_errors or [],
                          input_notes=input_notes or [])
     if run.failures:
-        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume:\n{report}")
+        raise StageError(f"{len(run.failures)} shard(s) failed; rerun to resume (a shard that fails on every rerun "
+                         f"may be damaged: `pzscale verify --catalog {catalog.url}`):\n{report}")
     return report
 
 
