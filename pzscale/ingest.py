@@ -172,8 +172,9 @@ def _ingest_shard(task: ShardTask) -> ShardResult:
     if p["taxonomy"]:
         so_key = json.dumps(cat.options, sort_keys=True) if cat.options else ""
         taxonomy.apply(taxonomy.cached_table(p["taxonomy"], so_key), columns, table_source=p["taxonomy_source"])
-    duplicate_rows, before = (np.asarray(a, dtype=np.int64) for a in p.get("duplicates", ([], [])))
-    ids.apply_policy(columns["image_id"], columns["qc"], duplicate_rows - task.row_from, before, p["duplicate_ids"])
+    duplicate_rows, renamed = p.get("duplicates", ([], []))
+    ids.apply_policy(columns["image_id"], columns["qc"], np.asarray(duplicate_rows, np.int64) - task.row_from,
+                     renamed, p["duplicate_ids"])
     # a shard that begins with rows of an earlier collection (append) rewrites them unchanged
     columns = catalog.with_stored_rows(cat.group("r+"), task.start, task.row_from, columns)
     catalog.write_rows(cat.group("r+"), task.start, task.stop, columns)
@@ -217,19 +218,19 @@ class IdCheck:
     ids: int = 0  # distinct ids among them
     example: str = ""
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # plan rows (0-based) of those rows
-    before: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # how many equal ids come before
+    renamed: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  # their new ids (suffix policy)
 
     def __str__(self) -> str:
         return (f"{self.rows:,} new row(s) share an image id with another row ({self.ids:,} id(s)), "
                 f"e.g. {self.example}")
 
-    def by_shard(self, row_start: int, shard_len: int) -> dict[int, tuple[list[int], list[int]]]:
+    def by_shard(self, row_start: int, shard_len: int) -> dict[int, tuple[list[int], list[str]]]:
         if not len(self.shared):
             return {}
         rows = self.shared + row_start  # sorted: split once at the shard boundaries
         shards, first = np.unique(rows // shard_len, return_index=True)
-        return {int(shard): (r.tolist(), b.tolist()) for shard, r, b in
-                zip(shards, np.split(rows, first[1:]), np.split(self.before, first[1:]), strict=True)}
+        return {int(shard): (r.tolist(), n.tolist()) for shard, r, n in
+                zip(shards, np.split(rows, first[1:]), np.split(self.renamed, first[1:]), strict=True)}
 
 
 def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
@@ -254,9 +255,10 @@ def _catalog_keys(cat: Catalog, start: int, stop: int) -> tuple[np.ndarray, np.n
     return written + start, ids.hashes(image_id[written])
 
 
-def check_ids(probe: Plan, url: str, client: Client, storage_options: dict | None) -> IdCheck:
+def check_ids(probe: Plan, url: str, client: Client, storage_options: dict | None, policy: str = "flag") -> IdCheck:
     """Hash every new row's image id on the cluster (one task per input), compare with each other and
-    with the catalog's other collections, and say which new rows share one."""
+    with the catalog's other collections, and say which new rows share one (their ids read again, from the
+    inputs that hold them, for the report and the ``suffix`` policy's new ids)."""
     futures = client.map(_item_keys, list(probe.readers), list(probe.items), so=storage_options, pure=False)
     new_keys = np.concatenate([np.zeros(0, np.uint64), *client.gather(futures)])
     old_rows, old_keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)
@@ -267,31 +269,44 @@ def check_ids(probe: Plan, url: str, client: Client, storage_options: dict | Non
         parts = map_shards(_catalog_keys, cat, client=client, ranges=ranges)
         old_rows = np.concatenate([old_rows, *(rows for rows, _ in parts)])
         old_keys = np.concatenate([old_keys, *(keys for _, keys in parts)])
-    before, size = ids.occurrences(np.concatenate([old_keys, new_keys]))
+    every = np.concatenate([old_keys, new_keys])
+    before, size = ids.occurrences(every)
     before, size = before[len(old_keys):], size[len(old_keys):]
     shared = np.flatnonzero(size > 1)
     if not len(shared):
         return IdCheck()
+    items, within = _locate(probe, shared)
+    texts = np.empty(len(shared), dtype=object)
+    for item in np.unique(items).tolist():
+        mine = np.flatnonzero(items == item)
+        texts[mine] = client.submit(_ids_at, probe.readers[item], probe.items[item], within[mine],
+                                    so=storage_options, pure=False).result()
+    renamed = ids.suffixed(texts.tolist(), before[shared], np.sort(every)) if policy == "suffix" else \
+        [""] * len(shared)
     key = new_keys[shared[0]]
     places = [f"catalog row {r}" for r in old_rows[old_keys == key][:2].tolist()]
     places += [_place(probe, row) for row in np.flatnonzero(new_keys == key)[:3 - len(places)].tolist()]
-    item, row = _locate(probe, int(shared[0]))
-    table = retry(readers.get(probe.readers[item]).read_keys, probe.items[item], storage_options=storage_options)
-    text = records.ids_of_table(table, records.row_names(probe.items[item].source, 0, probe.items[item].rows))[row]
-    return IdCheck(len(shared), len(np.unique(new_keys[shared])), f"{text!r} at {', '.join(places)}",
-                   shared.astype(np.int64), before[shared])
+    return IdCheck(len(shared), len(np.unique(new_keys[shared])), f"{texts[0]!r} at {', '.join(places)}",
+                   shared.astype(np.int64), np.asarray(renamed, dtype=object))
 
 
-def _locate(plan: Plan, row: int) -> tuple[int, int]:
-    """(item index, row within the item) of plan row ``row``."""
-    stops = np.cumsum([i.rows for i in plan.items])
-    index = int(np.searchsorted(stops, row, side="right"))
-    return index, row - int(stops[index] - plan.items[index].rows)
+def _ids_at(reader_name: str, item: Item, rows: np.ndarray, so: dict | None) -> list[str]:
+    """The image ids of rows ``rows`` of an item (on a worker)."""
+    table = retry(readers.get(reader_name).read_keys, item, storage_options=so)
+    return records.ids_of_table(table, records.row_names(item.source, 0, item.rows))[rows].tolist()
+
+
+def _locate(plan: Plan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item index, row within the item) of plan rows ``rows``."""
+    sizes = np.array([i.rows for i in plan.items], np.int64)
+    stops = np.cumsum(sizes)
+    index = np.searchsorted(stops, rows, side="right")
+    return index, rows - (stops[index] - sizes[index])
 
 
 def _place(plan: Plan, row: int) -> str:
-    index, within = _locate(plan, row)
-    return f"{plan.items[index].source} row {within}"
+    index, within = _locate(plan, np.array([row]))
+    return f"{plan.items[int(index[0])].source} row {int(within[0])}"
 
 
 # ---------------------------------------------------------------- the stage
@@ -477,7 +492,7 @@ def ingest(
     with using(limits):
         probe = retry(make_plan, list(sources), shard_len=meta_len or shard_len or catalog.DEFAULT_SHARD_LEN,
                       format=format, source=source, storage_options=storage_options)
-        shared = check_ids(probe, url, client, storage_options)
+        shared = check_ids(probe, url, client, storage_options, duplicate_ids)
     if shared.rows and duplicate_ids == "refuse":
         raise InputError(f"{shared}; nothing written (ingest with duplicate ids 'flag' to keep and flag them, "
                          "or 'suffix' to make them unique)")

@@ -38,10 +38,11 @@ def _text(table: pa.Table, column: str) -> np.ndarray:
         return np.full(table.num_rows, "", dtype=object)
     col = table.column(column)
     if pa.types.is_floating(col.type):
-        # Text written as floats: whole numbers (ids, KI-12) as integers, NaN as missing, the rest (inf,
-        # 1e300) as written; float64 first, as pyarrow has no round kernel for float16.
+        # Text written as floats: whole numbers (ids, KI-12) as integers, NaN as missing, the rest (1.5, inf,
+        # 1e300) as written, never rounded (1.5 and 2.0 are two ids); float64 first (float16 has no round kernel).
         x = pc.cast(col, pa.float64())
-        whole = pc.and_(pc.is_finite(x), pc.less(pc.abs(x), 2.0**53))
+        finite = pc.and_(pc.is_finite(x), pc.less(pc.abs(x), 2.0**53))
+        whole = pc.and_(finite, pc.equal(pc.round(pc.if_else(finite, x, 0.0)), pc.if_else(finite, x, 0.0)))
         as_int = pc.cast(pc.cast(pc.round(pc.if_else(whole, x, 0.0)), pa.int64()), pa.string())
         missing = pa.scalar(None, pa.string())
         col = pc.if_else(whole, as_int, pc.if_else(pc.is_nan(x), missing, pc.cast(x, pa.string())))

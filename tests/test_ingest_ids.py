@@ -112,3 +112,15 @@ def test_a_shard_that_fails_for_a_bug_names_the_input_file_and_row(two_copies, c
     monkeypatch.setattr("pzscale.readers.get", lambda name: Broken())
     with pytest.raises(StageError, match=r"copy\.parquet row 7: KeyError: 'boom'"):
         _read_segment("broken", Item(str(two_copies[1]), 40, 1), 0, 40, None)
+
+
+def test_suffix_takes_the_next_free_number_after_an_earlier_suffixed_ingest(two_copies, client, tmp_path):
+    """The catalog holds x and x~2 (an earlier suffixed ingest): a third copy becomes x~3, never a second x~2."""
+    url = str(tmp_path / "n.zarr")
+    ingest([str(p) for p in two_copies], url, client=client, progress=False, duplicate_ids="suffix")
+    third = tmp_path / "third.parquet"
+    shutil.copy(two_copies[0], third)
+    ingest([str(third)], url, client=client, progress=False, append=True, duplicate_ids="suffix")
+    image_id, _ = _ids(url)
+    assert len(image_id) == 120 and len(set(image_id)) == 120
+    assert all(i.endswith("~3") for i in image_id[80:])

@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
 from pzscale.schema import PARQUET_COLUMNS
@@ -120,8 +119,9 @@ KEY_BLOCK = 4096
 
 
 def keys_only(table: pa.Table) -> pa.Table:
-    """The key columns of a records table that has them (as text: types may differ between files)."""
-    columns = {c: pc.cast(table.column(c), pa.string()) for c in KEY_COLUMNS if c in table.column_names}
+    """The key columns of a records table, in their own types (``records.ids_of_table`` turns them to text as
+    the ingest does)."""
+    columns = {c: table.column(c) for c in KEY_COLUMNS if c in table.column_names}  # as read: the ids are made alike
     return pa.table(columns) if columns else pa.table({"dataset": pa.nulls(table.num_rows, pa.string())})
 
 

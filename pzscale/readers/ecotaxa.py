@@ -15,11 +15,13 @@ members beyond ``pzscale.limits`` (decompression bombs) are refused the same way
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import os
 import posixpath
 import re
+import unicodedata
 import warnings
 import zipfile
 from datetime import datetime
@@ -242,7 +244,8 @@ def plan_table(data: bytes, location: str, info: dict[str, Any], *, source: str 
     rows = len(body) - int(type_row)
     blank_lines = []
     if len(with_blanks) != len(body):
-        blank_lines = blank_positions(with_blanks[columns[0]].tolist(), body[columns[0]].tolist())
+        blank_lines = blank_lines_of(data, encoding, len(with_blanks) - len(body)) or \
+            blank_positions(with_blanks[columns[0]].tolist(), body[columns[0]].tolist())
     if source is None:
         source = "ecotaxa"
         if "acq_instrument" in columns and rows > 0:
@@ -251,7 +254,7 @@ def plan_table(data: bytes, location: str, info: dict[str, Any], *, source: str 
     offsets = [] if blank_lines else row_offsets(data, 1 + int(type_row), rows)
     shared: list[str] = []
     if "object_id" in columns:  # objects with several images (ZooScan _1, _1b): their ids get the file name
-        ids = body["object_id"].iloc[int(type_row):]
+        ids = body["object_id"].iloc[int(type_row):].map(same_id)  # equal as the catalog will store them
         shared = sorted(set(ids[ids.duplicated(keep=False) & (ids != "")]))
     more = {"encoding": encoding, "type_row": type_row, "blank_lines": blank_lines,
             "offsets": offsets, "offset_every": CHECKPOINT, "source": source, "shared_object_ids": shared}
@@ -270,6 +273,16 @@ def row_offsets(data: bytes, skip_lines: int, rows: int) -> list[int]:
             offsets.append(pos)
         pos = data.find(b"\n", pos) + 1
     return offsets
+
+
+def blank_lines_of(data: bytes, encoding: str, expected: int) -> list[int]:
+    """Parser rows (after the header) that are blank lines, from the records themselves: a blank line has no
+    cell at all, a row of empty cells has some ('' alone cannot tell them apart). [] if the count differs from
+    ``expected`` (the parser's view; then ``blank_positions`` guesses from the values)."""
+    records = csv.reader(io.StringIO(data.removeprefix(BOM).decode(encoding), newline=""), delimiter="\t")
+    next(records, None)  # the header
+    blanks = [i for i, cells in enumerate(records) if not cells]
+    return blanks if len(blanks) == expected else []
 
 
 def blank_positions(with_blanks: list[str], without: list[str]) -> list[int]:
@@ -449,7 +462,13 @@ def unparsed_flags(row: dict[str, Any], cells: dict[str, str]) -> str:
 
 
 def object_id(obj: str, image_name: str, shared: set[str]) -> str:
-    return f"{obj}/{posixpath.basename(image_name)}" if obj in shared else obj
+    return f"{obj}/{posixpath.basename(image_name)}" if same_id(obj) in shared else obj
+
+
+def same_id(obj: str) -> str:
+    """An object id as the ingest stores it (``records._text``: NFC, ``12.0`` as ``12``), so that ids equal
+    there are found shared here."""
+    return unicodedata.normalize("NFC", re.sub(r"^(\d+)\.0$", r"\1", obj))
 
 
 def parse_number(text: str) -> float | None:

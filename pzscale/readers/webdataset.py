@@ -19,6 +19,7 @@ import json
 import math
 import posixpath
 import re
+import unicodedata
 from collections import Counter
 from typing import IO, Any
 
@@ -118,6 +119,8 @@ def _shard_note(shard: str, odd: Counter) -> str:
                      f"({', '.join(f'{n} {f}' for f, n in fields)})")
     if odd["repeated"]:
         parts.append(f"{odd['repeated']} member name(s) repeated in the tar (the last copy is read)")
+    if odd["twins"]:
+        parts.append(f"{odd['twins']} sample key(s) equal once Unicode-normalised (NFC), numbered #1, #2... in ids")
     if odd["unnamed"]:
         parts.append(f"{odd['unnamed']} file(s) with no <key>.<field> name (hidden, or no extension)")
     return f"{shard}: {'; '.join(parts)}" if parts else ""
@@ -137,6 +140,13 @@ def _plan_shard(shard: str, source: str, storage_options: dict | None) -> Item:
                     error=f"{shard}: not a readable tar "
                     f"({one_line(e)})")
     samples = [e for key in sorted(grouped) if (e := _sample_entry(key, grouped[key], odd)) is not None]
+    twins: dict[str, list[dict]] = {}
+    for sample in samples:  # keys equal once Unicode-normalised would be one image id in the catalog
+        twins.setdefault(unicodedata.normalize("NFC", sample["key"]), []).append(sample)
+    for group in (g for g in twins.values() if len(g) > 1):
+        odd["twins"] += len(group)
+        for n, sample in enumerate(group, start=1):
+            sample["twin"] = n
     error = "" if samples else f"{shard}: no samples with an image"
     note = _shard_note(shard, odd)
     return Item(source=shard, rows=len(samples), size=size, info={"path": shard, "source": source, "samples": samples},
@@ -249,7 +259,7 @@ def _rows(item: Item, first: int, stop: int, fields: tuple[str, ...], storage_op
             "image": {"bytes": content.get((key, "image"), b""), "path": image},
             "dataset": item.info["source"],
             "original_path": f"/{name}/{image}",
-            "ObjID": f"{stem}/{key}",
+            "ObjID": f"{stem}/{key}" + (f"#{sample['twin']}" if "twin" in sample else ""),
         }
         flags = []
         if (key, "txt") in content:
