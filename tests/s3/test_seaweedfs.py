@@ -117,7 +117,7 @@ def test_a_second_done_marker_fails_cleanly(weed_catalog, seaweedfs, s3_synth, c
     shard = plan.shard_tasks()[1]
     task = ShardTask(Catalog.open(url, so), f"{STAGE}/{plan.id}", 1, SHARD_LEN, shard["stop"], shard["start"],
                      {"plan": plan.id, "taxonomy": None, "taxonomy_source": None, "limits": None,
-                      "segments": shard["segments"]})
+                      "segments": shard["segments"], "duplicate_ids": "flag"})
     first = {**catalog.marker_infos(url, task.stage, storage_options=so)[1], "attempt": "first"}
     catalog.mark_done(url, task.stage, 1, first, storage_options=so, replace=True)  # tag the first attempt's
     assert client.submit(run_task, ingest_shard, task, pure=False).result()["rows"] == SHARD_LEN
