@@ -233,11 +233,11 @@ class IdCheck:
                 zip(shards, np.split(rows, first[1:]), np.split(self.renamed, first[1:]), strict=True)}
 
 
-def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
-    """The id hashes of an item's rows (on a worker)."""
-    if not item.rows:
-        return np.zeros(0, np.uint64)
+def _item_ids(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
+    """The image ids of an item's rows, from its keys alone (on a worker)."""
     names = records.row_names(item.source, 0, item.rows)
+    if not item.rows:
+        return np.zeros(0, object)
     try:
         table = retry(readers.get(reader_name).read_keys, item, storage_options=so)
     except Exception as e:
@@ -245,8 +245,13 @@ def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
             raise
         # unreadable here is unreadable in its shards too, which fail naming it: no id to compare meanwhile
         log.warning("%s: image ids not checked (%s)", item.source, one_line(e))
-        return ids.hashes([f"\0unread:{item.source}#{n}" for n in names])
-    return ids.hashes(records.ids_of_table(table, names))
+        return np.array([f"\0unread:{item.source}#{n}" for n in names], dtype=object)
+    return records.ids_of_table(table, names)
+
+
+def _item_keys(reader_name: str, item: Item, so: dict | None) -> np.ndarray:
+    """The id hashes of an item's rows (on a worker): 8 bytes a row go back to the client, not the ids."""
+    return ids.hashes(_item_ids(reader_name, item, so))
 
 
 def _catalog_keys(cat: Catalog, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,8 +297,7 @@ def check_ids(probe: Plan, url: str, client: Client, storage_options: dict | Non
 
 def _ids_at(reader_name: str, item: Item, rows: np.ndarray, so: dict | None) -> list[str]:
     """The image ids of rows ``rows`` of an item (on a worker)."""
-    table = retry(readers.get(reader_name).read_keys, item, storage_options=so)
-    return records.ids_of_table(table, records.row_names(item.source, 0, item.rows))[rows].tolist()
+    return _item_ids(reader_name, item, so)[rows].tolist()
 
 
 def _locate(plan: Plan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
