@@ -14,13 +14,16 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import scipy.ndimage
 from PIL import Image, ImageDraw, ImageFilter
 
 from pzscale.schema import PARQUET_COLUMNS
@@ -37,6 +40,7 @@ INK = (30, 120)  # the drawn forms' grey range on the paper
 TEXTURE, TEXTURE_SCALE = 0.15, (10, 20)  # blotch contrast inside bodies; blob size as 1/scale of the object
 UNEVEN, UNEVEN_SCALE = 24, (12, 24)  # background mottling, grey levels (1 sd); blob size as 1/scale of the ROI
 SLOPE = (0, 30)  # background gradient across the ROI, grey levels
+PNG_LEVEL = 1  # zlib level of the PNG originals: level 6 (PIL's default) is 40% of the time to make an image
 MARGIN = (0.01, 0.1)  # padding of each side, as a fraction of the object's size along that axis
 
 
@@ -159,9 +163,22 @@ def _bubble(rng):
 
 
 def _low_frequency(h: int, w: int, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random field (h, w) of unit variance: white noise blurred to blobs about 1/scale of the size."""
-    field = scipy.ndimage.gaussian_filter(rng.normal(size=(h, w)), max(h, w) / scale, mode="reflect")
-    return (field / (field.std() + 1e-9)).astype(np.float32)
+    """A smooth random field (h, w) of about unit variance with blobs about 1/scale of the larger side: white noise
+    on a coarse grid of ``scale / 2`` cells along that side, upsampled bicubically (20x cheaper than blurring
+    full-size noise with a Gaussian of sigma ``size / scale``, which gives blobs of the same size)."""
+    cell = max(h, w) / max(2.0, scale / 2)
+    gh, gw = math.ceil(h / cell) + 2, math.ceil(w / cell) + 2
+    coarse = rng.standard_normal((gh, gw), dtype=np.float32)
+    # standardised on the grid; bicubic upsampling of white noise keeps ~0.62 of its variance
+    coarse = (coarse - coarse.mean()) * np.float32(1 / (0.79 * (coarse.std() + 1e-6)))
+    # one cell of margin on every side: the field near the edges is as smooth as inside
+    box = (1.0, 1.0, 1.0 + w / cell, 1.0 + h / cell)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC, box=box))
+
+
+# Which grey levels of a drawing are the object (transmission off 1 by more than 2%): a lookup per pixel.
+_OBJECT = np.abs(np.arange(256, dtype=np.float32) / PAPER - 1) > 0.02
+_TRANSMISSION = np.arange(256, dtype=np.float32) / PAPER
 
 
 def _place(drawn: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -170,10 +187,12 @@ def _place(drawn: Image.Image, rng: np.random.Generator) -> Image.Image:
     Two drawings of one form then differ at the 32 x 32 low-frequency level a perceptual hash sees, as real
     ROIs do; thin elongated forms at similar angles can still come within 8 pHash bits of each other.
     """
-    transmission = np.asarray(drawn, np.float32) / PAPER
-    rows, cols = np.nonzero(np.abs(transmission - 1) > 0.02)  # segmentation: the object's bounding box
+    grey = np.asarray(drawn)
+    inside = _OBJECT[grey]  # segmentation: the object's bounding box
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if len(rows):
-        transmission = transmission[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        grey = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    transmission = _TRANSMISSION[grey]
     h, w = transmission.shape
     # blotches: how dark the body is varies smoothly inside it, differently in every image
     texture = 1 + TEXTURE * _low_frequency(h, w, rng.uniform(*TEXTURE_SCALE), rng)
@@ -184,12 +203,13 @@ def _place(drawn: Image.Image, rng: np.random.Generator) -> Image.Image:
     roi = np.ones((h + top + bottom, w + left + right), np.float32)
     roi[top : top + h, left : left + w] = transmission
     rows, cols = roi.shape
-    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
     angle, slope = rng.uniform(0, 2 * math.pi), rng.uniform(*SLOPE)
-    background = (rng.uniform(195, 236) + slope * ((xx / cols - 0.5) * math.cos(angle) + (yy / rows - 0.5)
-                                                    * math.sin(angle))
-                  + UNEVEN * _low_frequency(rows, cols, rng.uniform(*UNEVEN_SCALE), rng))
-    return Image.fromarray(np.clip(background * roi, 0, 255).astype(np.uint8))
+    xx, yy = np.arange(cols, dtype=np.float32) / cols - 0.5, np.arange(rows, dtype=np.float32)[:, None] / rows - 0.5
+    background = UNEVEN * _low_frequency(rows, cols, rng.uniform(*UNEVEN_SCALE), rng)
+    background += np.float32(rng.uniform(195, 236)) + (np.float32(slope * math.cos(angle)) * xx
+                                                       + np.float32(slope * math.sin(angle)) * yy)
+    background *= roi
+    return Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
 
 
 # (renderer, Planktonzilla taxonomy row: ranks, proposed_label, plankton, root_class, ids)
@@ -245,10 +265,10 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _finish(img: Image.Image, rng: np.random.Generator, colour: bool) -> Image.Image:
     arr = np.asarray(img.filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32)
-    arr = np.clip(arr + rng.normal(0, 4, arr.shape), 0, 255).astype(np.uint8)
+    arr = np.clip(arr + 4 * rng.standard_normal(arr.shape, dtype=np.float32), 0, 255).astype(np.uint8)
     out = Image.fromarray(arr)
     if colour:  # dark-field colour camera: tint the greyscale image
-        tint = rng.uniform(0.7, 1.0, 3)
+        tint = rng.uniform(0.7, 1.0, 3).astype(np.float32)
         out = Image.fromarray((np.asarray(out.convert("RGB")) * tint).astype(np.uint8))
     return out
 
@@ -280,73 +300,155 @@ def _draw(label: str, rng: np.random.Generator, colour: bool) -> Image.Image:
     return _finish(_place(TAXA[label][0](rng), rng), rng, colour)
 
 
+# Below this many images a pool of processes costs more to start (each imports numpy, PIL, pyarrow) than it saves.
+PARALLEL_MIN_IMAGES = 5000
+EXACT_SAME_BYTES, EXACT_PNG, NEAR = "identical bytes", "same pixels re-encoded as PNG", "near"
+
+
 def synth(out: str | Path, *, images: int = 2000, seed: int = 0, rows_per_file: int = 1000,
-          row_group_size: int = 256, source_taxa: dict[str, list[str]] | None = None) -> dict:
+          row_group_size: int = 256, source_taxa: dict[str, list[str]] | None = None,
+          workers: int | None = None) -> dict:
     """Write ``images`` rows as Planktonzilla parquet shards under ``out``; return the truth.
 
     ``source_taxa`` (source -> TAXA names) limits each listed source to those taxa and uses only the
     listed sources, so that some classes exist only in some sources (held-out sources with unseen
     classes); duplicates are then planted only in sources that have their taxon. Default: every
     source draws every taxon.
+
+    One generator seeded with ``seed`` plans every row (source, taxon, which rows are copies of which, corrupt
+    rows, the order); each row's pixels and metadata come from a generator seeded with ``(seed, row)``, so files
+    are painted independently, by ``workers`` processes (default: one per CPU from ``PARALLEL_MIN_IMAGES`` images
+    up), and are the same bytes for any number of them. A script calling this with several workers needs the
+    ``if __name__ == "__main__":`` guard of ``multiprocessing``'s spawn start method.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    plan = _plan_rows(images, seed, source_taxa)
+    n_files = max(1, math.ceil(images / rows_per_file))
+    files = [(out / f"train-{f:05d}-of-{n_files:05d}.parquet",
+              plan["order"][f * rows_per_file : (f + 1) * rows_per_file]) for f in range(n_files)]
+    truth: dict = {"seed": seed, "images": images, "duplicates": [], "corrupt": []}
+    found: list[tuple] = []
+    for part in _map(_paint_file, files, plan, row_group_size, _workers(workers, images)):
+        found.extend(part)
+    for _, kind, entry in sorted(found, key=lambda x: (x[1] == "corrupt", x[0])):
+        truth["corrupt" if kind == "corrupt" else "duplicates"].append(entry)
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
+
+
+def _plan_rows(images: int, seed: int, source_taxa: dict[str, list[str]] | None) -> dict:
+    """What every row is (by row number, the number in its id): source, taxon, colour, and for copies and corrupt
+    rows the original they come from; and the order rows are written in. Small arrays, drawn in one process."""
     rng = np.random.default_rng(seed)
     names, sources = list(TAXA), list(SOURCES)
-    weights = [0.2, 0.15, 0.1, 0.1, 0.15, 0.2, 0.1]
+    weights = np.array([0.2, 0.15, 0.1, 0.1, 0.15, 0.2, 0.1])
     if source_taxa is not None:
         taxa = {t for listed in source_taxa.values() for t in listed}
         unknown = sorted({*source_taxa} - set(SOURCES)) + sorted(taxa - set(TAXA))
         if unknown or not all(source_taxa.values()):
             raise ValueError(f"source_taxa: unknown sources or taxa {unknown}, or a source without taxa")
         sources = list(source_taxa)
-    rows: list[dict] = []
-    pixels: list[Image.Image] = []  # decoded originals, for planting copies
-    truth: dict = {"seed": seed, "images": images, "duplicates": [], "corrupt": []}
     n_corrupt = max(2, images // 200)
     n_dups = max(4, images // 25)
     n_orig = images - n_corrupt - n_dups
-    for i in range(n_orig):
-        source = sources[int(rng.integers(0, len(sources)))]
-        p = weights if source_taxa is None else _renormalised(np.array(weights) * np.isin(names, source_taxa[source]))
-        label = names[int(rng.choice(len(names), p=p))]
-        fmt, colour_frac, *_ = SOURCES[source]
-        img = _draw(label, rng, colour=rng.random() < colour_frac)
-        data = encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        pixels.append(Image.open(io.BytesIO(data)).convert(img.mode))
-        rows.append(_row(i, source, label, data, rng))
-    for j in range(n_dups):
-        k = int(rng.integers(0, n_orig))
-        orig = rows[k]
-        candidates = [s for s in sources if source_taxa is None or orig["original_label"] in source_taxa[s]]
-        source = candidates[int(rng.integers(0, len(candidates)))]  # often another source
-        if j % 2 == 0:  # exact: same pixels, maybe other bytes
-            if j % 4 == 0:
-                data, how = orig["_bytes"], "identical bytes"
+    if n_orig < 1:
+        raise ValueError(f"synth: {images} images leave no room for originals besides the planted copies")
+    taxon_p = np.array([weights if source_taxa is None else
+                        _renormalised(weights * np.isin(names, source_taxa[s])) for s in sources])
+    source = rng.integers(0, len(sources), n_orig)
+    label = (rng.random(n_orig)[:, None] > np.cumsum(taxon_p, axis=1)[source]).sum(axis=1)
+    label = np.minimum(label, len(names) - 1)  # rounding of the cumulative sum
+    colour = rng.random(n_orig) < np.array([SOURCES[s][1] for s in sources])[source]
+    copy_of = rng.integers(0, n_orig, n_dups)
+    dup_source = np.empty(n_dups, np.int64)
+    for j, k in enumerate(copy_of):  # often another source: any that has the taxon
+        ok = [i for i, s in enumerate(sources) if source_taxa is None or names[label[k]] in source_taxa[s]]
+        dup_source[j] = ok[int(rng.integers(0, len(ok)))]
+    base = rng.integers(0, n_orig, n_corrupt)
+    return {
+        "seed": seed, "names": names, "sources": sources, "n_orig": n_orig, "n_dups": n_dups,
+        "source": np.r_[source, dup_source, np.arange(n_corrupt) % len(sources)],
+        "label": np.r_[label, label[copy_of], np.full(n_corrupt, names.index("detritus"))],
+        "colour": np.r_[colour, np.zeros(n_dups + n_corrupt, bool)],
+        "ref": np.r_[np.arange(n_orig), copy_of, base],  # the original a row is, copies, or is corrupted from
+        "order": rng.permutation(images),  # copies and corrupt rows land anywhere
+    }
+
+
+def _original(plan: dict, n: int) -> tuple[bytes, Image.Image, np.random.Generator]:
+    """Original row ``n``: its encoded bytes, the image drawn and its generator (after the drawing)."""
+    rng = np.random.default_rng([plan["seed"], n])
+    label, source, colour = plan["names"][plan["label"][n]], plan["sources"][plan["source"][n]], plan["colour"][n]
+    fmt = SOURCES[source][0]
+    img = _draw(label, rng, colour)
+    return encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": PNG_LEVEL})), img, rng
+
+
+def _paint_file(path: Path, rows: np.ndarray, plan: dict, row_group_size: int) -> list[tuple]:
+    """Paint and write one parquet file of rows ``rows`` (in order); return its truth entries."""
+    n_orig, n_dups = plan["n_orig"], plan["n_dups"]
+    out, found = [], []
+    for n in rows.tolist():
+        ref = int(plan["ref"][n])
+        data, drawn, rng = _original(plan, ref)
+        if n < n_orig:
+            out.append(_row(n, plan["sources"][plan["source"][n]], plan["names"][plan["label"][n]], data, rng))
+            continue
+        rng = np.random.default_rng([plan["seed"], n])
+        source, label = plan["sources"][plan["source"][n]], plan["names"][plan["label"][n]]
+        orig_id = f"{plan['sources'][plan['source'][ref]]}:{ref:08d}"
+        if n < n_orig + n_dups:
+            j = n - n_orig
+            pixels = Image.open(io.BytesIO(data)).convert(drawn.mode)  # what a reader of the original decodes
+            if j % 2 == 0:  # exact: same pixels, maybe other bytes
+                how = EXACT_SAME_BYTES if j % 4 == 0 else EXACT_PNG
+                if how == EXACT_PNG:
+                    data = encode(pixels, "PNG", compress_level=9)
+                kind = "exact"
             else:
-                data, how = encode(pixels[k], "PNG", compress_level=9), "same pixels re-encoded as PNG"
-            kind = "exact"
+                img, how = _near_copy(pixels, rng)
+                data, kind = encode(img.convert("L") if img.mode == "L" else img, "JPEG", quality=70), "near"
+                if how != "re-encoded as JPEG quality 70":
+                    how += ", JPEG quality 70"
+            row = _row(n, source, label, data, rng)
+            found.append((j, "dup", {"image_id": row["_id"], "copy_of": orig_id, "kind": kind, "alteration": how}))
         else:
-            img, how = _near_copy(pixels[k], rng)
-            data, kind = encode(img.convert("L") if img.mode == "L" else img, "JPEG", quality=70), "near"
-            if how != "re-encoded as JPEG quality 70":
-                how += ", JPEG quality 70"
-        row = _row(n_orig + j, source, orig["original_label"], data, rng)
-        rows.append(row)
-        truth["duplicates"].append({"image_id": row["_id"], "copy_of": orig["_id"], "kind": kind,
-                                    "alteration": how})
-    for j in range(n_corrupt):
-        base = rows[int(rng.integers(0, n_orig))]["_bytes"]
-        data, how = ((base[: len(base) // 2], "truncated to half its bytes") if j % 2 == 0
-                     else (rng.bytes(200), "random bytes"))
-        row = _row(n_orig + n_dups + j, sources[j % len(sources)], "detritus", data, rng)
-        rows.append(row)
-        truth["corrupt"].append({"image_id": row["_id"], "problem": how})
-    order = rng.permutation(len(rows))  # copies and corrupt rows land anywhere
-    rows = [rows[i] for i in order]
-    _write_parquet(rows, out, rows_per_file, row_group_size)
-    (out / "truth.json").write_text(json.dumps(truth, indent=1))
-    return truth
+            j = n - n_orig - n_dups
+            data, how = ((data[: len(data) // 2], "truncated to half its bytes") if j % 2 == 0
+                         else (rng.bytes(200), "random bytes"))
+            row = _row(n, source, label, data, rng)
+            found.append((j, "corrupt", {"image_id": row["_id"], "problem": how}))
+        out.append(row)
+    _write_parquet(out, path, row_group_size)
+    return found
+
+
+def _workers(workers: int | None, images: int) -> int:
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    if multiprocessing.current_process().daemon:  # e.g. in a Dask worker process: no children allowed
+        return 1
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cpus if images >= PARALLEL_MIN_IMAGES else 1
+    return workers
+
+
+def _map(fn: Callable, items: list[tuple], plan: dict, row_group_size: int, workers: int) -> Iterator:
+    """``fn(*item, plan, row_group_size)`` for every item, in order: here, or on a spawned pool of ``workers``."""
+    if workers == 1 or len(items) == 1:
+        for item in items:
+            yield fn(*item, plan, row_group_size)
+        return
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = deque()
+        for item in items:  # a bounded queue: memory does not grow with the number of files
+            futures.append(pool.submit(fn, *item, plan, row_group_size))
+            if len(futures) >= 4 * workers:
+                yield futures.popleft().result()
+        while futures:
+            yield futures.popleft().result()
 
 
 def _renormalised(weights: np.ndarray) -> np.ndarray:
@@ -384,21 +486,24 @@ def _row(n: int, source: str, label: str, data: bytes, rng: np.random.Generator)
     return row
 
 
-def _write_parquet(rows: list[dict], out: Path, rows_per_file: int, row_group_size: int) -> None:
-    schema = pa.schema(
-        [pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
-        + [pa.field(c, pa.bool_() if c == "plankton" else
-                    pa.float32() if c in ("Latitude", "Longitude", "Depth_min", "Depth_max",
-                                          "Humidity", "Temperature") else pa.string())
-           for c in PARQUET_COLUMNS if c != "image"],
-        metadata={"huggingface": json.dumps({"info": {"features": {
-            "image": {"_type": "Image"}}}})},
-    )
-    n_files = max(1, math.ceil(len(rows) / rows_per_file))
-    for f in range(n_files):
-        chunk = rows[f * rows_per_file : (f + 1) * rows_per_file]
-        table = pa.Table.from_pylist([{c: r[c] for c in schema.names} for r in chunk], schema=schema)
-        pq.write_table(table, out / f"train-{f:05d}-of-{n_files:05d}.parquet", row_group_size=row_group_size)
+def _write_parquet(rows: list[dict], path: Path, row_group_size: int) -> None:
+    columns = {c: [r[c] for r in rows] for c in PARQUET_COLUMNS if c != "image"}
+    image = pa.StructArray.from_arrays([pa.array([r["image"]["bytes"] for r in rows], pa.binary()),
+                                        pa.array([r["image"]["path"] for r in rows], pa.string())], ["bytes", "path"])
+    table = pa.Table.from_pydict({"image": image, **columns}, schema=PARQUET_SCHEMA)
+    # no min/max statistics of the image bytes: costly to compute and of no use to a reader
+    pq.write_table(table, path, row_group_size=row_group_size,
+                   write_statistics=[c for c in PARQUET_COLUMNS if c != "image"])
+
+
+PARQUET_SCHEMA = pa.schema(
+    [pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
+    + [pa.field(c, pa.bool_() if c == "plankton" else
+                pa.float32() if c in ("Latitude", "Longitude", "Depth_min", "Depth_max", "Humidity", "Temperature")
+                else pa.string())
+       for c in PARQUET_COLUMNS if c != "image"],
+    metadata={"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})},
+)
 
 
 # ---------------------------------------------------------------- IFCB raw bins
