@@ -168,11 +168,13 @@ def planted_hashes(n: int, threshold: int, seed: int) -> np.ndarray:
 def test_bucket_pairs_are_exactly_the_pairs_within_the_threshold(threshold, bands):
     values = planted_hashes(400, threshold, seed=threshold * 100 + bands)
     spec = dd.BandSpec(threshold, bands)
-    records = dd.band_records(pd.DataFrame({"phash": values}), spec)
-    assert len(records) == len(values) * spec.n_keys
-    pairs, stats = dd.bucket_pairs(records, spec)
-    found = {tuple(sorted(p)) for p in zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True)}
-    assert len(found) == len(pairs)  # each pair once, from the first key its two hashes agree on
+    a, b, stats = dd.search(values, spec)
+    found = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist(), strict=True)}
+    assert len(found) == len(a)  # each pair once, from the first key its two hashes agree on
+    # the keys split into groups (as tasks do) find the same pairs
+    parts = [dd.search(values, spec, keys=g.tolist()) for g in np.array_split(np.arange(spec.n_keys), 3)]
+    assert sorted(zip(np.concatenate([p[0] for p in parts]).tolist(), np.concatenate([p[1] for p in parts]).tolist(),
+                      strict=True)) == sorted(zip(a.tolist(), b.tolist(), strict=True))
     dist = imagehash.hamming(values[:, None], values[None, :])
     ii, jj = np.nonzero(np.triu(dist <= threshold, 1))
     assert found == {tuple(sorted((int(values[i]), int(values[j])))) for i, j in zip(ii, jj, strict=True)}
@@ -185,11 +187,11 @@ def test_a_bucket_too_big_to_compare_at_once_is_tiled_and_keeps_every_link():
     high = rng.integers(0, 2**24, 5000, dtype=np.int64).astype(np.uint64) << np.uint64(40)
     values = np.unique(high | np.uint64(0x5A5A5A5A5A))
     spec = dd.BandSpec(3, 8)
-    pairs, stats = dd.bucket_pairs(dd.band_records(pd.DataFrame({"phash": values}), spec), spec)
+    pa, pb, stats = dd.search(values, spec)
     assert stats["largest_bucket"] == len(values) > dd.BIG_BUCKET
     index = {v: i for i, v in enumerate(values.tolist())}
-    a = [index[v] for v in pairs["a"].tolist()]
-    b = [index[v] for v in pairs["b"].tolist()]
+    a = [index[v] for v in pa.tolist()]
+    b = [index[v] for v in pb.tolist()]
     ours = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(values),) * 2), directed=False)[1]
     assert same_partition(ours, brute_components(values, 3))
 
@@ -197,6 +199,11 @@ def test_a_bucket_too_big_to_compare_at_once_is_tiled_and_keeps_every_link():
 def test_bands_are_chosen_within_bounds_and_bad_settings_refused():
     assert dd.choose_bands(8, 10) == 9  # few hashes: the classic d + 1 single-band keys
     assert 9 < dd.choose_bands(8, 10_000_000) <= 16  # many: keys of several bands, so buckets stay small
+    # skew: hashes crowded in a corner of the space (their 40 high bits equal) need longer keys than uniform ones
+    rng = np.random.default_rng(1)
+    uniform = np.unique(rng.integers(0, 2**63, 50_000, dtype=np.int64).astype(np.uint64))
+    crowded = np.unique(uniform & np.uint64(0xFFFFFF) | np.uint64(0xABCDEF) << np.uint64(40))
+    assert dd.choose_bands(8, 1_000_000, crowded) != dd.choose_bands(8, 1_000_000, uniform)
     with pytest.raises(InputError, match="threshold 64"):
         dd.choose_bands(64, 10)
 
@@ -474,6 +481,81 @@ def test_spherical_kmeans_separates_clusters_and_is_seeded():
     found = dd.spherical_kmeans(x, 4, seed=1, device="cpu")
     assert np.allclose(np.sort((found @ centres.T).max(0)), 1, atol=0.01)
     np.testing.assert_array_equal(found, dd.spherical_kmeans(x, 4, seed=1, device="cpu"))
+
+
+def _planted_embeddings(url: str, n_clusters: int, dim: int = 32, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Write ``emb__toy`` (float16) with planted clusters into a catalog copy; the stored vectors L2-normalised
+    (float32, rows with status ok) and each row's planted cluster."""
+    group = catalog.open_group(url, mode="r+")
+    n, shard_len = catalog.n_rows_of(group), catalog.metadata(group)["shard_len"]
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, n_clusters, n)
+    emb = (rng.normal(size=(n_clusters, dim)) * 3)[truth] + rng.normal(size=(n, dim))
+    emb[group["status"][:] != "ok"] = np.nan
+    catalog.ensure_array(group, "emb__toy", dtype="float16", fill=np.nan, trailing=(dim,), dims=("toy__dim",))
+    for _, a, b in catalog.shard_ranges(0, n, shard_len):
+        catalog.write_arrays(group, a, b, {"emb__toy": emb[a:b].astype(np.float16)})
+    stored = group["emb__toy"][:].astype(np.float32)
+    return stored / np.linalg.norm(stored, axis=1, keepdims=True), truth
+
+
+def test_semantic_kmeans_on_workers_matches_in_memory_and_sklearn(cat_url, client):
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from pzscale.dedup.semantic import kmeans_on_workers
+
+    x, truth = _planted_embeddings(cat_url, 8)
+    ok = np.isfinite(x).all(1)
+    cat = Catalog.open(cat_url)
+    km = kmeans_on_workers(client, cat, "emb__toy", 8, seed=2)
+    assert km.k == 8 and km.n_valid == ok.sum() and km.converged and km.changed[-1] == 0
+    assert (km.labels[~ok] == -1).all() and (km.labels[ok] >= 0).all()
+    assert km.tasks_per_pass == 7 and km.cached  # 19 shards of 64 rows, 3 a task (about 4 tasks per worker)
+    # the labels are each row's nearest returned centroid
+    np.testing.assert_array_equal(km.labels[ok], np.argmax(x[ok] @ km.centroids.T, axis=1))
+    memory = np.argmax(x[ok] @ dd.spherical_kmeans(x[ok], 8, seed=2, device="cpu").T, axis=1)
+    peer = KMeans(8, n_init=3, random_state=0).fit(x[ok]).labels_
+    for other in (truth[ok], memory, peer):
+        assert adjusted_rand_score(km.labels[ok], other) == 1.0
+    # seeded: the same run again gives the same result; re-reading the catalog every pass, in groups of one
+    # shard, the same partition
+    again = kmeans_on_workers(client, cat, "emb__toy", 8, seed=2)
+    np.testing.assert_array_equal(km.labels, again.labels)
+    np.testing.assert_array_equal(km.centroids, again.centroids)
+    reread = kmeans_on_workers(client, cat, "emb__toy", 8, seed=2, cache=False, shards_per_task=1)
+    assert not reread.cached and reread.tasks_per_pass == len(cat.shards())
+    assert adjusted_rand_score(km.labels[ok], reread.labels[ok]) == 1.0
+    np.testing.assert_allclose(km.centroids, reread.centroids, atol=1e-5)
+    # more clusters than distinct vectors: clusters go empty, are re-seeded, and the run still ends sanely
+    group = catalog.open_group(cat_url, mode="r+")
+    catalog.ensure_array(group, "emb__two", dtype="float16", fill=np.nan, trailing=(4,), dims=("two__dim",))
+    two = np.eye(4, dtype=np.float16)[truth % 2]
+    for _, a, b in cat.shards():
+        catalog.write_arrays(group, a, b, {"emb__two": two[a:b]})
+    few = kmeans_on_workers(client, Catalog.open(cat_url), "emb__two", 5, seed=2, iters=4)
+    assert few.k == 5 and few.converged and few.iterations == 1  # the empty ones were re-seeded in between
+    assert np.allclose(np.linalg.norm(few.centroids, axis=1), 1)
+    assert adjusted_rand_score(few.labels[ok], truth[ok] % 2) == 1.0
+
+
+def test_semantic_kmeans_reseeds_empty_clusters():
+    from pzscale.dedup.semantic import _kmeans_pp, _new_centroids
+
+    far = np.eye(4, dtype=np.float32)[[2, 3]]
+    total = {"sums": np.array([[2.0, 0, 0, 0], [0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),
+             "counts": np.array([2, 0, 3, 0, 0]), "far_x": far}
+    fallback = -np.eye(4, dtype=np.float32)
+    new = _new_centroids(total, 5, fallback, np.random.default_rng(0))
+    np.testing.assert_array_equal(new[[0, 2]], np.eye(4)[[0, 1]])
+    np.testing.assert_array_equal(new[[1, 3]], far)  # the farthest rows first, in order
+    assert np.isin(new[4], fallback).all() and np.isclose(np.linalg.norm(new[4]), 1)  # then the init sample
+    np.testing.assert_array_equal(new, _new_centroids(total, 5, fallback, np.random.default_rng(0)))
+    # k-means++ with fewer distinct rows than k still returns k seeds, seeded
+    x = np.repeat(np.eye(4, dtype=np.float32)[:2], 5, axis=0)
+    seeds = _kmeans_pp(x, 3, 0)
+    assert seeds.shape == (3, 4) and len(np.unique(seeds, axis=0)) == 2
+    np.testing.assert_array_equal(seeds, _kmeans_pp(x, 3, 0))
 
 
 # ---------------------------------------------------------------- CLI

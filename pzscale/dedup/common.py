@@ -35,8 +35,14 @@ SMALL_BUCKET = 64  # buckets up to this size are verified all at once, vectorise
 BIG_BUCKET = 4096  # larger buckets are verified in tiles and reduced to a spanning forest
 TILE = 2048
 PAIR_BLOCK = 4_000_000  # hash comparisons held in memory at once
-KMEANS_SAMPLE = 100_000
-KMEANS_ITERS = 25
+KMEANS_SAMPLE = 100_000  # the client-side fit's sample (``spherical_kmeans``; the benchmark's comparison)
+KMEANS_ITERS = 25  # at most this many centroid updates
+KMEANS_TOL = 1e-3  # stop once at most this fraction of the rows changed cluster in a pass
+KMEANS_INIT_SAMPLE = 20_000  # rows for k-means++ seeding (at least 8 per cluster)
+KMEANS_TASKS_PER_WORKER = 4  # shards are grouped into about this many tasks per worker and pass
+KMEANS_CACHE_FRACTION = 0.25  # keep the embeddings in worker memory (float16) when they take at most this
+# fraction of the workers' memory limits together; otherwise every pass re-reads them from the catalog
+KMEANS_FAR = 32  # farthest rows kept per pass to re-seed empty clusters
 HIST_EDGES = np.r_[-1.0, np.linspace(0.5, 1.0, 101)]
 
 

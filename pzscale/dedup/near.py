@@ -1,26 +1,25 @@
-"""Near duplicates by banded pHash: candidates from a Dask shuffle on band keys (never all pairs), checked by
-Hamming distance and then by the correlation of the images' DCT profiles (see the package doc)."""
+"""Near duplicates by banded pHash: candidates from buckets of equal band keys (never all pairs), one group of keys
+per task over the unique hashes every worker holds, checked by Hamming distance and then by the correlation of the
+images' DCT profiles (see the package doc)."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import combinations
 from typing import Any
 
-import dask
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 from distributed import Client
 
 from pzscale import imagehash
-from pzscale.dedup.common import BIG_BUCKET, PAIR_BLOCK, PHASH, PHASH_PROFILE, SMALL_BUCKET, TILE
+from pzscale.dedup.common import BIG_BUCKET, PAIR_BLOCK, PHASH_PROFILE, SMALL_BUCKET, TILE
 from pzscale.dedup.graph import components, spanning_forest
 from pzscale.errors import InputError
-from pzscale.schema import STATUS_OK
-from pzscale.stage import Catalog, map_shards, retry
+from pzscale.stage import Catalog, map_shards
 
 
 @dataclass(frozen=True)
@@ -31,10 +30,19 @@ class BandSpec:
     bands: int
 
     @cached_property
+    def widths(self) -> list[int]:
+        return [64 // self.bands + (1 if i < 64 % self.bands else 0) for i in range(self.bands)]
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        return [int(o) for o in np.cumsum([0, *self.widths[:-1]])]
+
+    @cached_property
     def band_masks(self) -> np.ndarray:
-        widths = [64 // self.bands + (1 if i < 64 % self.bands else 0) for i in range(self.bands)]
-        offsets = np.cumsum([0, *widths[:-1]])
-        return np.array([((1 << w) - 1) << int(o) for w, o in zip(widths, offsets, strict=True)], np.uint64)
+        return np.array([((1 << w) - 1) << o for w, o in zip(self.widths, self.offsets, strict=True)], np.uint64)
+
+    def key_width(self, key: int) -> int:
+        return sum(self.widths[b] for b in self.combos[key])
 
     @cached_property
     def combos(self) -> list[tuple[int, ...]]:
@@ -68,19 +76,52 @@ class BandSpec:
         return math.comb(self.bands, self.threshold)
 
 
-# Relative cost of shuffling one (key, hash) record, in units of one verified candidate pair (measured on 2
-# cores: ~1 us per shuffled record against ~10 ns per vectorised Hamming check, see benchmarks/bench_dedup.py).
-RECORD_COST = 12.0
+# Costs of the search on this VM (2026-12-03, 1M hashes): packing, sorting and splitting one key's values ~60 ns a
+# hash (numpy's vectorised sort: ~15 ns), checking a pair of a bucket ~20 ns.
+GROUP_COST, PAIR_COST = 60e-9, 20e-9
+MAX_KEYS = 4096
+SAMPLE = 200_000  # hashes whose bucket sizes estimate the pairs a key makes (skew included)
+COUNTING_BITS = 20  # keys of up to this many bits are counted first (a 2**bits table: 8 MB) to skip lone hashes
 
 
-MAX_KEYS = 1024
+def key_values(h: np.ndarray, spec: BandSpec, key: int) -> np.ndarray:
+    """The bits of the key's bands of every hash, packed into the low ``key_width`` bits."""
+    out = np.zeros(len(h), np.uint64)
+    shift = 0
+    for band in spec.combos[key]:
+        width, offset = spec.widths[band], spec.offsets[band]
+        out |= ((h >> np.uint64(offset)) & np.uint64((1 << width) - 1)) << np.uint64(shift)
+        shift += width
+    return out
 
 
-def choose_bands(threshold: int, n_hashes: int) -> int:
-    """The number of bands minimising records shuffled + pairs compared, for uniformly spread hashes.
+def key_buckets(h: np.ndarray, spec: BandSpec, key: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes sharing their key value with another, sorted by it: (values, hashes), buckets as runs.
 
-    Each unique hash makes ``C(bands, threshold)`` records; a bucket holds about ``n / 2**key_bits`` hashes.
+    One sort of (value, position) packed in 64 bits where they fit (numpy's vectorised sort, several times faster
+    than an argsort); hashes alone in their bucket are dropped first by a counting pass when the key is short.
     """
+    v = key_values(h, spec, key)
+    width = spec.key_width(key)
+    pos = np.arange(len(h), dtype=np.uint64)
+    if width <= COUNTING_BITS:
+        counts = np.bincount(v.view(np.int64), minlength=1 << width)
+        shared = counts[v.view(np.int64)] > 1
+        v, pos = v[shared], pos[shared]
+    pos_bits = max(1, int(len(h)).bit_length())
+    if width + pos_bits <= 64:
+        packed = np.sort((v << np.uint64(pos_bits)) | pos)
+        v, pos = packed >> np.uint64(pos_bits), packed & np.uint64((1 << pos_bits) - 1)
+    else:
+        order = np.argsort(v, kind="stable")
+        v, pos = v[order], pos[order]
+    return v, h[pos.astype(np.int64)]
+
+
+def choose_bands(threshold: int, n_hashes: int, sample: np.ndarray | None = None) -> int:
+    """The number of bands with the least estimated cost: per key, grouping every hash plus checking the pairs
+    that share a bucket. Pairs are estimated from ``sample`` (random distinct hashes of the collection: skew
+    included) when given, else for uniformly spread hashes (a bucket holds about ``n / 2**key_bits``)."""
     if not 0 <= threshold < 64:
         raise InputError(f"near threshold {threshold}: must be between 0 and 63 bits")
     best, best_cost = threshold + 1, math.inf
@@ -88,28 +129,46 @@ def choose_bands(threshold: int, n_hashes: int) -> int:
         spec = BandSpec(threshold, bands)
         if spec.n_keys > MAX_KEYS and bands > threshold + 1:
             break
-        cost = spec.n_keys * n_hashes * (RECORD_COST + n_hashes / 2 ** spec.key_bits / 2)
+        if sample is not None and len(sample) > 1:
+            pairs_per_key = np.mean([bucket_stats(sample, spec, k)[0] for k in _spread(spec.n_keys, 4)])
+            pairs_per_key *= (n_hashes / len(sample)) ** 2
+        else:
+            pairs_per_key = n_hashes**2 / 2 ** (spec.key_bits + 1)
+        cost = spec.n_keys * (n_hashes * GROUP_COST + pairs_per_key * PAIR_COST)
         if cost < best_cost:
             best, best_cost = bands, cost
     return best
 
 
-def _near_frame(start: int, stop: int, cat: Catalog) -> pd.DataFrame:
-    return retry(_read_near, cat, start, stop)
+def _spread(n: int, k: int) -> list[int]:
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(n, k))})
 
 
-def _read_near(cat: Catalog, start: int, stop: int) -> pd.DataFrame:
-    cols = cat.read(start, stop, ["status", PHASH])
-    return pd.DataFrame({"phash": np.unique(cols[PHASH][cols["status"] == STATUS_OK])})
+def bucket_stats(h: np.ndarray, spec: BandSpec, key: int) -> tuple[int, int]:
+    """(pairs sharing a bucket, largest bucket) of one key over hashes ``h``."""
+    v, _ = key_buckets(h, spec, key)
+    if not len(v):
+        return 0, 1
+    sizes = np.diff(np.flatnonzero(np.r_[True, v[1:] != v[:-1], True]))
+    return int((sizes * (sizes - 1) // 2).sum()), int(sizes.max())
 
 
-def band_records(part: pd.DataFrame, spec: BandSpec) -> pd.DataFrame:
-    """One (key, value, phash) record per unique hash and key: ``value`` is the hash masked to the key's bands."""
-    h = part["phash"].to_numpy(np.uint64)
-    masks = spec.key_masks
-    return pd.DataFrame({"key": np.repeat(np.arange(len(masks), dtype=np.int32), len(h)),
-                         "value": (masks[:, None] & h[None, :]).ravel(),
-                         "phash": np.tile(h, len(masks))})
+def search(h: np.ndarray, spec: BandSpec, keys: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All pairs (a, b) of the distinct hashes ``h`` within the threshold that agree first on one of ``keys``
+    (default: all, so every pair), each once; a bucket above ``BIG_BUCKET`` gives a spanning forest of its pairs
+    (the same connected components). Returns (a, b, counts: pairs compared, largest bucket)."""
+    out_a, out_b = [], []
+    stats = {"pairs_compared": 0, "largest_bucket": 0}
+    for key in range(spec.n_keys) if keys is None else keys:
+        v, members = key_buckets(h, spec, key)
+        a, b, compared, largest = bucket_pairs(v, members, key, spec)
+        out_a.append(a)
+        out_b.append(b)
+        stats["pairs_compared"] += compared
+        stats["largest_bucket"] = max(stats["largest_bucket"], largest)
+    if not out_a:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), stats
+    return np.concatenate(out_a), np.concatenate(out_b), stats
 
 
 def first_keys(a: np.ndarray, b: np.ndarray, spec: BandSpec) -> np.ndarray:
@@ -128,29 +187,28 @@ def first_keys(a: np.ndarray, b: np.ndarray, spec: BandSpec) -> np.ndarray:
     return np.array([index.get(int(c), -1) for c in (first * (1 << np.arange(spec.bands))).sum(1)], np.int64)
 
 
-def bucket_pairs(part: pd.DataFrame, spec: BandSpec) -> tuple[pd.DataFrame, dict]:
-    """Verified pairs (Hamming <= threshold) of the hashes sharing a (key, value) bucket in one partition.
+def bucket_pairs(value: np.ndarray, h: np.ndarray, key: int, spec: BandSpec
+                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Verified pairs (Hamming <= threshold) of hashes sharing a bucket of one key, whose first shared key it is.
 
-    Returns the pairs and counts (pairs compared, largest bucket). Buckets up to ``SMALL_BUCKET`` hashes are
+    ``value``/``h``: key values (sorted) and hashes, buckets as runs. Buckets up to ``SMALL_BUCKET`` hashes are
     verified together, vectorised over buckets of the same size; larger ones in tiles, reduced to a forest.
+    Returns (a, b, pairs compared, largest bucket).
     """
-    empty = pd.DataFrame({"a": np.zeros(0, np.uint64), "b": np.zeros(0, np.uint64)})
-    stats = {"pairs_compared": 0, "largest_bucket": 0}
-    if len(part) < 2:
-        return empty, stats
-    key, value, h = (part[c].to_numpy() for c in ("key", "value", "phash"))
-    order = np.lexsort((h, value, key))
-    key, value, h = key[order], value[order], h[order].astype(np.uint64)
-    starts = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]) | (value[1:] != value[:-1])])
+    if len(h) < 2:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0, min(1, len(h))
+    starts = np.flatnonzero(np.r_[True, value[1:] != value[:-1]])
     sizes = np.diff(np.r_[starts, len(h)])
-    stats["largest_bucket"] = int(sizes.max())
-    stats["pairs_compared"] = int((sizes * (sizes - 1) // 2).sum())
+    shared = sizes >= 2  # most runs are one hash: leave them out before the per-size passes
+    starts, sizes = starts[shared], sizes[shared]
+    if not len(sizes):
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0, 1
     out_a, out_b = [], []
 
-    def verified(a: np.ndarray, b: np.ndarray, bucket_key: np.ndarray) -> None:
+    def verified(a: np.ndarray, b: np.ndarray) -> None:
         close = imagehash.hamming(a, b) <= spec.threshold
-        a, b, bucket_key = a[close], b[close], bucket_key[close]
-        mine = first_keys(a, b, spec) == bucket_key
+        a, b = a[close], b[close]
+        mine = first_keys(a, b, spec) == key
         out_a.append(a[mine])
         out_b.append(b[mine])
 
@@ -162,39 +220,46 @@ def bucket_pairs(part: pd.DataFrame, spec: BandSpec) -> tuple[pd.DataFrame, dict
             block = h[first[lo : lo + per_block, None] + np.arange(size)]  # (buckets, size)
             close = (imagehash.hamming(block[:, :, None], block[:, None, :]) <= spec.threshold) & upper
             bi, ii, jj = np.nonzero(close)
-            verified(block[bi, ii], block[bi, jj], key[first[lo + bi]])
+            verified(block[bi, ii], block[bi, jj])
     for start, size in zip(starts[sizes > SMALL_BUCKET], sizes[sizes > SMALL_BUCKET], strict=True):
-        bucket, bucket_key = h[start : start + size], key[start]
+        bucket = h[start : start + size]
         before = len(out_a)
         for i0 in range(0, size, TILE):
             for j0 in range(i0, size, TILE):
                 dist = imagehash.hamming(bucket[i0 : i0 + TILE, None], bucket[None, j0 : j0 + TILE])
                 ii, jj = np.nonzero(dist <= spec.threshold)
                 upper = (ii + i0) < (jj + j0)
-                a, b = bucket[ii[upper] + i0], bucket[jj[upper] + j0]
-                verified(a, b, np.full(len(a), bucket_key))
+                verified(bucket[ii[upper] + i0], bucket[jj[upper] + j0])
             if size > BIG_BUCKET and len(out_a) > before:  # keep a forest: memory stays linear in the bucket
                 a, b = spanning_forest(np.concatenate(out_a[before:]), np.concatenate(out_b[before:]))
                 del out_a[before:], out_b[before:]
                 out_a.append(a)
                 out_b.append(b)
+    compared = int((sizes * (sizes - 1) // 2).sum())
     if not out_a:
-        return empty, stats
-    return pd.DataFrame({"a": np.concatenate(out_a), "b": np.concatenate(out_b)}), stats
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), compared, int(sizes.max())
+    return np.concatenate(out_a), np.concatenate(out_b), compared, int(sizes.max())
 
 
-def near_pairs(client: Client, frame: dd.DataFrame, spec: BandSpec, n_parts: int) -> tuple[pd.DataFrame, dict]:
-    """All pairs of distinct hashes of ``frame`` (column ``phash``) within the threshold, each once (for a bucket
-    above ``BIG_BUCKET``, a spanning forest of its pairs: the same connected components), and counts."""
-    unique = frame.drop_duplicates(split_out=n_parts)
-    meta = pd.DataFrame({"key": np.zeros(0, np.int32), "value": np.zeros(0, np.uint64),
-                         "phash": np.zeros(0, np.uint64)})
-    records = unique.map_partitions(band_records, spec, meta=meta)
-    shuffled = records.shuffle(on=["key", "value"], npartitions=n_parts)
-    results = client.gather(client.compute([dask.delayed(bucket_pairs)(p, spec) for p in shuffled.to_delayed()]))
-    pairs = pd.concat([r[0] for r in results], ignore_index=True)
-    stats = {"pairs_compared": sum(r[1]["pairs_compared"] for r in results),
-             "largest_bucket": max((r[1]["largest_bucket"] for r in results), default=0)}
+def near_pairs(client: Client, hashes: np.ndarray, spec: BandSpec, tasks: int | None = None
+               ) -> tuple[pd.DataFrame, dict]:
+    """All pairs of the distinct ``hashes`` within the threshold, each once (for a bucket above ``BIG_BUCKET``,
+    a spanning forest of its pairs: the same connected components), and counts.
+
+    Every worker gets the hashes once (8 bytes each: 139 MB for 17.4M); a task searches a group of keys, so work
+    splits by key, and a task's memory is a few copies of the hashes whatever the skew of the buckets.
+    """
+    hashes = np.unique(np.asarray(hashes, np.uint64))
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    tasks = min(spec.n_keys, tasks or 4 * n_workers)
+    groups = [g.tolist() for g in np.array_split(np.arange(spec.n_keys), tasks)]
+    shared = client.scatter(hashes, broadcast=True)
+    futures = client.map(search, [shared] * len(groups), [spec] * len(groups), groups, pure=False)
+    results = client.gather(futures)
+    pairs = pd.DataFrame({"a": np.concatenate([r[0] for r in results]),
+                          "b": np.concatenate([r[1] for r in results])})
+    stats = {"pairs_compared": sum(r[2]["pairs_compared"] for r in results),
+             "largest_bucket": max((r[2]["largest_bucket"] for r in results), default=0)}
     return pairs, stats
 
 
@@ -203,12 +268,12 @@ def near_groups(client: Client, cat: Catalog, ok: np.ndarray, phash: np.ndarray,
     """Component label per row: rows linked by chains of pairs within ``threshold`` bits whose DCT profiles
     correlate at ``similarity`` or more (no profile check when ``similarity`` is None)."""
     unique, inverse = np.unique(phash[ok], return_inverse=True)
-    spec = BandSpec(threshold, bands or choose_bands(threshold, len(unique)))
-    meta = pd.DataFrame({"phash": np.zeros(0, np.uint64)})
-    ranges = cat.shards()
-    frame = dd.from_map(_near_frame, [a for _, a, _ in ranges], [b for _, _, b in ranges], cat=cat,
-                        meta=meta, enforce_metadata=False)
-    pairs, stats = near_pairs(client, frame, spec, max(1, len(ranges)))
+    rng = np.random.default_rng(0)
+    sample = unique[rng.choice(len(unique), SAMPLE, replace=False)] if len(unique) > SAMPLE else unique
+    spec = BandSpec(threshold, bands or choose_bands(threshold, len(unique), sample))
+    started = time.perf_counter()
+    pairs, stats = near_pairs(client, unique, spec)
+    stats["search_seconds"] = round(time.perf_counter() - started, 3)
     ia, ib = np.searchsorted(unique, pairs["a"].to_numpy()), np.searchsorted(unique, pairs["b"].to_numpy())
     facts = {"threshold": threshold, "similarity": similarity, "bands": spec.bands, "keys": spec.n_keys,
              "unique_hashes": len(unique), "links": len(pairs), **stats}
