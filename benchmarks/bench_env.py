@@ -8,9 +8,9 @@
   boxes it needs itself, cold every repeat): compare the latter with bare xarray's load + sel;
 - per-point loop: ``DataArray.sel(..., method="nearest")`` once per point (the naive way);
 - pzscale stage: ``env.env()`` end to end on a catalog of the same points (read the position
-  columns, open the grid in every task, join, write ``env_*`` arrays and markers) on a
+  columns, open the grid once per worker, join, write ``env_*`` arrays and markers) on a
   LocalCluster of 2 worker processes, their grid caches emptied before every repeat (each
-  worker reads the grid once, then serves later shards' boxes from its cache).
+  worker opens and reads the grid once, then serves later shards from its opened file and boxes).
 
 The grid is synthetic (``grids.synthetic_grid``): 0.5 degree, 6 levels, 12 months, 0..360.
 Points are uniform over the globe, 0-300 m and one year, so every shard needs every month:
@@ -112,7 +112,9 @@ def loop(da: xr.DataArray, p: dict, m: int) -> np.ndarray:
 
 
 def clear_grid_cache() -> None:
+    """Cold: no box read and no file opened by an earlier repeat (a worker opens the grid and reads it once)."""
     grids._BOXES.boxes.clear()
+    grids._OPENED.clear()
 
 
 def stage_catalog(p: dict, shard_len: int) -> str:

@@ -19,8 +19,10 @@ For every joined name it writes two arrays along ``image``:
   ``""``           not joined yet (the array's fill)
   ===============  ==============================================================================
 
-The grid is opened inside each task (by path or URL and its storage options, never shipped
-from the client) and only the box of cells a shard's points need is read. A shard is done for
+The grid is opened on the workers (by path or URL and its storage options, never shipped from
+the client), once per worker process while the file is unchanged (``grids._OPENED``: its axes
+are kept, its NetCDF handle closed between tasks), and only the box of cells a shard's points
+need is read (``grids._BOXES`` keeps recent boxes). A shard is done for
 ``env/<name>`` when its marker covers the shard's rows and carries the hash of the join's
 parameters; joining the same name again with other parameters needs ``overwrite=True``.
 """
@@ -36,6 +38,7 @@ import numpy as np
 from distributed import Client
 
 from pzscale import grids
+from pzscale.catalog import storable_attrs
 from pzscale.errors import CatalogError, InputError
 from pzscale.grids import JoinOptions
 from pzscale.schema import env_names
@@ -73,12 +76,13 @@ def env_shard(task: ShardTask) -> ShardResult:
     p = task.params
     points = task.catalog.read(task.start, task.stop, POINT_COLUMNS)
     joined = grids.join_variables(p["grid"], p["variables"], points, options=JoinOptions(**p["options"]),
-                                  storage_options=p["grid_storage_options"])
+                                  storage_options=p["grid_storage_options"], codes=True)
     columns, markers = {}, {}
-    for name, (values, qc) in joined.items():
-        columns[names(name)["value"]], columns[names(name)["qc"]] = values, qc
-        counts = {flag: int(np.count_nonzero(qc == flag)) for flag in grids.QC_VALUES}
-        markers[names(name)["stage"]] = {"params": p["hashes"][name], "qc": counts}
+    for name, (values, codes) in joined.items():
+        columns[names(name)["value"]], columns[names(name)["qc"]] = values, grids.QC_NAMES[codes]
+        counts = np.bincount(codes, minlength=len(grids.QC_VALUES))
+        markers[names(name)["stage"]] = {"params": p["hashes"][name],
+                                         "qc": {flag: int(c) for flag, c in zip(grids.QC_VALUES, counts, strict=True)}}
     task.catalog.write(task.start, task.stop, columns)
     return ShardResult(task.stop - task.start, markers, replace=True)
 
@@ -122,13 +126,12 @@ def env(
                     "recompute it with these")
     for name, desc in described.items():
         n = names(name)
-        cat.ensure_array(n["value"], dtype="float32", fill=np.nan)
-        cat.update_attrs(n["value"], {**desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
-                                                             "(NaN unless the QC is ok or land_filled)"})
-        cat.ensure_array(n["qc"], dtype="str", fill="")
-        cat.update_attrs(n["qc"], {"description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
-                                   "flag_values": list(grids.QC_VALUES), "grid": desc["grid"],
-                                   "variable": desc["variable"]})
+        _ensure_output(cat, n["value"], "float32", np.nan, {
+            **desc, "description": f"{desc['variable']} of {desc['grid']} at the image "
+                                   "(NaN unless the QC is ok or land_filled)"})
+        _ensure_output(cat, n["qc"], "str", "", {
+            "description": f"QC of env_{name}: one of {list(grids.QC_VALUES)}; '' not joined",
+            "flag_values": list(grids.QC_VALUES), "grid": desc["grid"], "variable": desc["variable"]})
         cat.record_stage(n["stage"], {**records[name], "params": hashes[name]})
     resolved = {name: record["variable"] for name, record in records.items()}
     params = {"grid": grid, "grid_storage_options": grid_storage_options,
@@ -136,6 +139,19 @@ def env(
     tasks, skipped = _pending(cat, resolved, hashes, params)
     return run_stage("env/" + ",".join(pairs), env_shard, tasks, catalog=cat, client=client, skipped=skipped,
                      progress_bar=progress)
+
+
+def _ensure_output(cat: Catalog, name: str, dtype: str, fill: object, attrs: dict) -> None:
+    """An output array with these attributes: made with them, or given those that changed (each
+    change rewrites the consolidated metadata: a rerun with the same grid and options rewrites none)."""
+    arr = cat.ensure_array(name, dtype=dtype, fill=fill, attrs=attrs)
+    stored = arr.attrs.asdict()
+    if any(_json(stored.get(key)) != _json(value) for key, value in storable_attrs(attrs).items()):
+        cat.update_attrs(name, attrs)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _pending(cat: Catalog, pairs: dict[str, str], hashes: dict[str, str], params: dict) -> tuple[list[ShardTask], int]:

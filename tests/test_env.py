@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,29 @@ def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy
     assert (qc == "out_of_range").sum() > (sst_qc == "out_of_range").sum()
     np.testing.assert_array_equal(ds["env_temp"].values, expected_join(url, grid, "thetao")[0])  # untouched
     assert ds["env_sst"].attrs["tolerances_time_days"] == 1.0
+
+
+def test_a_worker_opens_the_grid_once_for_all_its_shards_and_again_once_rewritten(client, catalog_copy, tmp_path):
+    path = str(tmp_path / "grid.nc")
+    grids.synthetic_grid(path, resolution=4.0, months=48)
+    client.run(lambda: grids._OPENED.clear())
+    before = client.run(lambda: grids._OPENED.opens)
+    report = env(catalog_copy, path, ["sst", "temp=thetao"], client=client, progress=False)
+    assert report.shards_written == report.shards_total >= 4
+    opened = {w: n - before[w] for w, n in client.run(lambda: grids._OPENED.opens).items()}
+    assert all(n <= 1 for n in opened.values()) and 1 <= sum(opened.values()) < report.shards_total
+    first = open_catalog(catalog_copy)["env_sst"].values
+    grids.synthetic_grid(path, resolution=5.0, months=48)  # other cells, other values
+    for shard in catalog.done_shards(catalog_copy, "env/sst"):  # same parameters: done unless its markers go
+        (Path(catalog_copy) / catalog.PRIVATE / "done" / "env" / "sst" / f"{shard:06d}.json").unlink()
+    env(catalog_copy, path, ["sst"], client=client, progress=False)
+    reopened = {w: n - before[w] - opened[w] for w, n in client.run(lambda: grids._OPENED.opens).items()}
+    assert sum(reopened.values()) >= 1  # the rewritten file is not served from the workers' caches
+    ds = open_catalog(catalog_copy)
+    values, qc = expected_join(catalog_copy, path, "sst")
+    np.testing.assert_array_equal(ds["env_sst"].values, values)
+    np.testing.assert_array_equal(ds["env_sst_qc"].values, qc)
+    assert not np.array_equal(values, first, equal_nan=True)
 
 
 def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, sample_data):

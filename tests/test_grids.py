@@ -5,6 +5,8 @@ checked against a haversine search over every cell."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import netCDF4
 import numpy as np
 import pytest
@@ -339,6 +341,54 @@ def test_a_rewritten_grid_is_not_served_from_the_worker_cache(tmp_path):
             values.append(got[0])
         np.testing.assert_allclose(values[-1], grids.synthetic_field("chlor_a", 42.5, 15.0, 0.0, month), atol=1e-6)
     assert values[0] == values[1] != values[2] == values[3]
+
+
+def test_a_grid_file_is_opened_once_per_process_and_again_once_rewritten(tmp_path):
+    path = str(tmp_path / "g.nc")
+    point = {"lat": np.array([42.6]), "lon": np.array([12.6]), "depth_min": np.array([np.nan]),
+             "depth_max": np.array([np.nan]), "time": np.array([grids_time("2019-03-10")])}
+    grids._OPENED.clear()
+    grids.synthetic_grid(path, resolution=5.0, months=1, depths=(0.0,), start="2019-01")
+    before = grids._OPENED.opens
+    for _ in range(3):  # shards of a stage on one worker: one open, one Grid per variable and options
+        (value, qc), = grids.join_variables(path, {"chl": "chlor_a"}, point).values()
+        assert qc[0] == "ok"
+    assert grids._OPENED.opens == before + 1
+    entry = grids._OPENED.entries[(path, "{}")]
+    assert list(entry.grids) == [("chlor_a", JoinOptions())]
+    # tasks in threads of one worker share the file
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: grids.join_variables(path, {"chl": "chlor_a"}, point, codes=True)["chl"],
+                            range(8)))
+    assert grids._OPENED.opens == before + 1 and all(g[1][0] == grids.QC_OK and g[0] == value for g in got)
+    grids.synthetic_grid(path, resolution=5.0, months=1, depths=(0.0,), start="2019-07")  # rewritten in place
+    (changed, _), = grids.join_variables(path, {"chl": "chlor_a"}, point).values()
+    assert grids._OPENED.opens == before + 2 and entry.retired  # the old file's entry is closed
+    np.testing.assert_allclose(changed, grids.synthetic_field("chlor_a", 42.5, 15.0, 0.0, 7), atol=1e-6)
+    assert changed != value
+    grids._OPENED.clear()
+    assert not grids._OPENED.entries
+
+
+def test_the_opened_grid_cache_keeps_a_bounded_number_of_files(tmp_path):
+    cache = grids.join._OpenedGrids(2)
+    paths = [str(grids.synthetic_grid(tmp_path / f"g{i}.nc", resolution=10.0, months=1, depths=(0.0,)))
+             for i in range(3)]
+    with cache.use(paths[0]) as first:
+        for path in paths[1:]:
+            with cache.use(path):
+                pass
+        assert len(cache.entries) == 2 and first.retired  # out of the cache, still open for its user
+        assert float(first.ds["sst"].isel(time=0, lat=0, lon=0)) == float(first.ds["sst"][0, 0, 0])
+    assert first.users == 0 and cache.opens == 3
+    with cache.use(paths[2]), cache.use(paths[2]):  # still cached, used twice at once
+        assert cache.opens == 3 and cache.entries[(paths[2], "{}")].users == 2
+    cache.clear()
+    assert not cache.entries
+
+
+def grids_time(day: str) -> int:
+    return int(np.datetime64(day, "ms").astype(np.int64))
 
 
 # ---------------------------------------------------------------- files that are not grids

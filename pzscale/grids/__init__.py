@@ -5,8 +5,9 @@ then cf_xarray's criteria, then a table of names; ``axes`` holds the time axis (
 cftime calendars) and the nearest-lookup kernels (``Axis``, ``LonAxis``, ``regular_step``,
 ``nearest_sorted`` for regular grids, the KD-tree ``CellTree`` for curvilinear ones, sphere
 geometry); ``join`` is the join engine (``JoinOptions``, ``Grid``, ``join_variables``, the
-per-process caches of boxes ``_BOXES`` and trees ``_TREES``, ``QC_VALUES``); ``synthetic`` writes
-a small global grid with known values (``synthetic_grid``, ``synthetic_field``) for demos and tests.
+per-process caches of opened files ``_OPENED``, boxes ``_BOXES`` and trees ``_TREES``, ``QC_VALUES``);
+``synthetic`` writes a small global grid with known values (``synthetic_grid``, ``synthetic_field``)
+for demos and tests.
 Every name below is re-exported so that ``from pzscale import grids; grids.X`` keeps working.
 """
 
@@ -27,8 +28,10 @@ from pzscale.grids.axes import (
 )
 from pzscale.grids.join import (
     _BOXES,
+    _OPENED,
     _TREES,
     QC_LAND_FILLED,
+    QC_NAMES,
     QC_NO_DATA,
     QC_NO_POSITION,
     QC_OK,
@@ -60,6 +63,7 @@ __all__ = [
     "KELVIN_UNITS",
     "MS_PER_DAY",
     "QC_LAND_FILLED",
+    "QC_NAMES",
     "QC_NO_DATA",
     "QC_NO_POSITION",
     "QC_OK",
@@ -68,6 +72,7 @@ __all__ = [
     "SYNTHETIC_LAND",
     "VARIABLE_MAP",
     "_BOXES",
+    "_OPENED",
     "_TREES",
     "Axis",
     "CellTree",

@@ -9,7 +9,10 @@ month of year, land (NaN) cells optionally replaced by the nearest valid cell wi
 points need is read, a few time steps at a time, so memory stays bounded; a worker process keeps
 recently read boxes (``_BOXES``, ``PZSCALE_GRID_CACHE_BYTES``, default 512 MiB) keyed by the grid
 file's identity (``file_identity``), so shards whose points span the globe do not each decompress
-the whole grid again. ``join_variables`` joins several variables of one file.
+the whole grid again, and the grid files it opened (``_OPENED``, at most ``PZSCALE_GRID_OPEN_FILES``,
+default 4, with each variable's ``Grid``), so shards do not each open the file and read its axes
+again; a rewritten file (another identity) is opened afresh. ``join_variables`` joins several
+variables of one file.
 
 Every point gets a QC flag (``QC_VALUES``): ok, out_of_range (outside a tolerance, or off a
 curvilinear grid's footprint), land_filled, no_data (the cell is NaN and no fill was asked or
@@ -18,13 +21,14 @@ found), no_position (lat/lon, or the time or depth the grid needs, unknown).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
@@ -34,11 +38,21 @@ from scipy.spatial import cKDTree
 
 from pzscale.errors import InputError
 from pzscale.grids.axes import Axis, CellTree, LonAxis, TimeAxis, as_time_ms, chord_of_km, months_of, unit_vectors
-from pzscale.grids.naming import KELVIN_UNITS, find_axes, opened, redact, resolve_variable, vertical_metres
+from pzscale.grids.naming import (
+    KELVIN_UNITS,
+    find_axes,
+    open_grid_to_keep,
+    opened,
+    redact,
+    resolve_variable,
+    vertical_metres,
+)
 from pzscale.schema import TIME_FILL
 
 QC_OK, QC_OUT_OF_RANGE, QC_LAND_FILLED, QC_NO_DATA, QC_NO_POSITION = range(5)
 QC_VALUES = ("ok", "out_of_range", "land_filled", "no_data", "no_position")
+QC_NAMES = np.asarray(QC_VALUES, dtype=object)  # QC code -> its string: ``QC_NAMES[codes]``
+QC_NAMES.setflags(write=False)
 
 
 @dataclass(frozen=True)
@@ -244,11 +258,15 @@ class Grid:
         return _Lookup(index, depth_range, qc)
 
     def cell_tree(self) -> CellTree:
-        """The curvilinear grid's KD-tree: this process's copy for the same file, else built now."""
+        """The curvilinear grid's KD-tree: this process's copy for the same file, else built now.
+
+        A grid with an identity leaves it in ``_TREES`` and keeps no reference of its own: grids
+        kept by ``_OPENED`` must not keep more trees alive than ``_TREES`` holds."""
+        names = (self.coords["lat"], self.coords["lon"])
+        if self._cache_key is not None:
+            return _TREES.get_or_build((*self._cache_key, *names), lambda: self._build_tree(*names))
         if self._tree is None:
-            names = (self.coords["lat"], self.coords["lon"])
-            key = None if self._cache_key is None else (*self._cache_key, *names)
-            self._tree = _TREES.get_or_build(key, lambda: self._build_tree(*names))
+            self._tree = self._build_tree(*names)
         return self._tree
 
     def _build_tree(self, lat_name: str, lon_name: str) -> CellTree:
@@ -281,8 +299,9 @@ class Grid:
         return rows, cols, ok
 
     def join(self, lat: Any, lon: Any, *, depth_min: Any = None, depth_max: Any = None,
-             time: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Values (float32, NaN unless ok or land_filled) and QC strings at each point.
+             time: Any = None, codes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Values (float32, NaN unless ok or land_filled) and QC strings at each point (with
+        ``codes``, int8 positions in ``QC_VALUES`` instead: cheaper to count and to map).
 
         ``time`` is int64 ms since 1970 UTC (``TIME_FILL`` unknown) or datetime64; depths in m.
         """
@@ -299,7 +318,7 @@ class Grid:
             values[batch], found.qc[batch] = self._gather(found, batch, lat[batch], lon[batch])
         if self.kelvin:
             values -= 273.15
-        return values.astype(np.float32), np.asarray(QC_VALUES, dtype=object)[found.qc]
+        return values.astype(np.float32), found.qc if codes else QC_NAMES[found.qc]
 
     def _batches(self, found: _Lookup, todo: np.ndarray) -> Iterator[np.ndarray]:
         """Points grouped by time step, a few steps per batch so one box stays under max_box_bytes."""
@@ -535,6 +554,124 @@ class _TreeCache:
 _TREES = _TreeCache(2)
 
 
+@dataclass
+class _OpenedGrid:
+    """One grid file opened by this process, the ``Grid`` of each variable and options made from it,
+    and how many tasks use it now (a file that leaves the cache while in use is closed by its last user)."""
+
+    ds: xr.Dataset
+    identity: tuple
+    release: Callable[[], None]  # closes the file until the next read (no handle or lock held between tasks)
+    users: int = 0
+    retired: bool = False
+    grids: dict[tuple, Grid] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def grid(self, path: str, variable: str, options: JoinOptions) -> Grid:
+        """The variable's ``Grid`` (axes read once per file and process), made now if new."""
+        key = (variable, options)
+        with self.lock:
+            grid = self.grids.get(key)
+        if grid is None:
+            name = resolve_variable(self.ds, variable, where=redact(path))
+            made = Grid(self.ds[name], source=path, options=options, identity=self.identity)
+            with self.lock:
+                grid = self.grids.setdefault(key, made)
+                while len(self.grids) > _GRIDS_PER_FILE:  # a stage joins a few variables: never grows unbounded
+                    self.grids.pop(next(iter(self.grids)))
+        return grid
+
+
+_GRIDS_PER_FILE = 16
+
+
+class _OpenedGrids:
+    """Grid files opened by this process, kept open for the next task: the shards of an env stage on one
+    worker open the file (and read its coordinates and axes) once instead of once per shard.
+
+    An entry is named by the path, its storage options and the file's ``file_identity`` (size and
+    modification time, ETag): a rewritten file is opened afresh, its old entry closed. Between tasks a
+    NetCDF file is closed (``open_grid_to_keep``; xarray reopens it at the next read, a few ms), so no
+    handle or HDF5 lock stops anyone rewriting it; the dataset, its coordinates and grids stay.
+
+    Memory: at most ``keep`` files (``PZSCALE_GRID_OPEN_FILES``, default 4) are kept, least recently
+    used dropped first, each with its lazily opened dataset (index coordinates) and at most 16 ``Grid``
+    (one per variable and options: its axes, kilobytes on a regular grid). Values are never held here:
+    boxes read are ``_BOXES``'s (its own byte budget) and curvilinear trees ``_TREES``'s (two).
+    ``opens`` counts the files this process opened (for tests)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.entries: OrderedDict[tuple, _OpenedGrid] = OrderedDict()
+        self.lock = threading.Lock()  # a worker may run several tasks in threads
+        self.opens = 0
+
+    @contextmanager
+    def use(self, path: str, storage_options: dict | None = None) -> Iterator[_OpenedGrid]:
+        """``with _OPENED.use(path, so) as entry:`` the file open (from the cache when unchanged)."""
+        path = str(path)
+        identity = file_identity(path, storage_options)
+        key = (path, json.dumps(storage_options or {}, sort_keys=True, default=str))
+        entry = self._take(key, identity)
+        if entry is None:
+            ds, release = open_grid_to_keep(path, storage_options=storage_options)
+            entry = self._add(key, _OpenedGrid(ds, identity, release))
+        try:
+            yield entry
+        finally:
+            with self.lock:
+                entry.users -= 1
+                if entry.users == 0:  # a NetCDF file is closed between tasks: reopening it costs a few ms
+                    entry.release()
+                    if entry.retired:
+                        entry.ds.close()
+
+    def _take(self, key: tuple, identity: tuple) -> _OpenedGrid | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            if entry.identity != identity:  # the file changed since it was opened
+                self._retire(self.entries.pop(key))
+                return None
+            self.entries.move_to_end(key)
+            entry.users += 1
+            return entry
+
+    def _add(self, key: tuple, entry: _OpenedGrid) -> _OpenedGrid:
+        with self.lock:
+            self.opens += 1
+            present = self.entries.get(key)
+            if present is not None and present.identity == entry.identity:  # another thread opened it first
+                self._retire(entry)
+                entry = present
+            else:
+                if present is not None:
+                    self._retire(present)
+                self.entries[key] = entry
+            self.entries.move_to_end(key)
+            entry.users += 1
+            while len(self.entries) > self.keep:
+                self._retire(self.entries.popitem(last=False)[1])
+            return entry
+
+    def _retire(self, entry: _OpenedGrid) -> None:
+        """Close the file now, or when its last user is done (called under the lock)."""
+        entry.retired = True
+        if entry.users == 0:
+            entry.release()
+            entry.ds.close()
+
+    def clear(self) -> None:
+        """Close every file (those in use when their tasks are done)."""
+        with self.lock:
+            while self.entries:
+                self._retire(self.entries.popitem()[1])
+
+
+_OPENED = _OpenedGrids(int(os.environ.get("PZSCALE_GRID_OPEN_FILES", 4)))
+
+
 def file_identity(path: str, storage_options: dict | None = None) -> tuple:
     """What names one version of a grid: the path with the size and modification time (local), or
     the URL with the ETag / modification time of the file or of the Zarr group's metadata (one HEAD
@@ -573,16 +710,16 @@ def _steps(needed: np.ndarray) -> tuple[Any, np.ndarray]:
 
 
 def join_variables(path: str, variables: dict[str, str], points: dict[str, np.ndarray], *,
-                   options: JoinOptions | None = None, storage_options: dict | None = None
-                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                   options: JoinOptions | None = None, storage_options: dict | None = None,
+                   codes: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{env name: (values, qc)} for points with lat, lon, depth_min, depth_max, time (catalog dtypes),
-    the grid opened once for all variables."""
+    the grid opened once for all variables, and kept open by this process for the next call on the
+    same unchanged file (``_OPENED``). ``codes``: QC as int8 positions in ``QC_VALUES``, not strings."""
+    options = options or JoinOptions()
     out = {}
-    with opened(path, storage_options=storage_options) as ds:
-        identity = file_identity(path, storage_options)
+    with _OPENED.use(path, storage_options) as entry:
         for name, var in variables.items():
-            grid = Grid(ds[resolve_variable(ds, var or name, where=redact(path))], source=path, options=options,
-                        identity=identity)
+            grid = entry.grid(str(path), var or name, options)
             out[name] = grid.join(points["lat"], points["lon"], depth_min=points.get("depth_min"),
-                                  depth_max=points.get("depth_max"), time=points.get("time"))
+                                  depth_max=points.get("depth_max"), time=points.get("time"), codes=codes)
     return out

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cf_xarray  # noqa: F401  (registers the .cf accessor)
 import fsspec
 import xarray as xr
+from xarray.backends import NetCDF4DataStore
 
 from pzscale.errors import InputError, one_line
 
@@ -108,6 +109,17 @@ def open_grid(path: str, *, storage_options: dict | None = None) -> xr.Dataset:
     Times stay numbers (``decode_times=False``): ``time_axis`` decodes them with cftime.
     Anything else fails with one line naming the file and what is wrong with it.
     """
+    return open_grid_to_keep(path, storage_options=storage_options)[0]
+
+
+def _no_files() -> None:
+    """A Zarr grid holds no file open between reads."""
+
+
+def open_grid_to_keep(path: str, *, storage_options: dict | None = None) -> tuple[xr.Dataset, Callable[[], None]]:
+    """``open_grid``, and a function that closes the files the dataset holds until its next read
+    (xarray reopens a NetCDF file when a value is read again): a dataset kept open between tasks
+    holds no file handle, and no HDF5 lock that would stop the file being rewritten meanwhile."""
     path = str(path)
     where = redact(path)
     so = storage_options or {}
@@ -119,9 +131,9 @@ def open_grid(path: str, *, storage_options: dict | None = None) -> xr.Dataset:
         kwargs = dict(chunks=None, decode_times=False, decode_timedelta=False, storage_options=so or None)
         try:
             try:
-                return xr.open_zarr(path, consolidated=True, **kwargs)
+                return xr.open_zarr(path, consolidated=True, **kwargs), _no_files
             except (KeyError, ValueError, FileNotFoundError):  # no consolidated metadata: list the store
-                return xr.open_zarr(path, consolidated=False, **kwargs)
+                return xr.open_zarr(path, consolidated=False, **kwargs), _no_files
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{where}: not a readable Zarr grid ({one_line(e, 160)})") from None
     protocol = fsspec.utils.get_protocol(path)
@@ -131,8 +143,14 @@ def open_grid(path: str, *, storage_options: dict | None = None) -> xr.Dataset:
     try:
         if protocol not in ("file", "local"):
             local = fsspec.open_local(f"simplecache::{path}", **({protocol: so} if so else {}))
-        # netCDF4 named: xarray's guess over its engines ends in a list of them, not in the reason
-        return xr.open_dataset(local, engine="netcdf4", decode_times=False, decode_timedelta=False)
+        # netCDF4's own store (what engine="netcdf4" opens; not xarray's guess over its engines, which
+        # ends in a list of them, not in the reason), kept so that its file can be closed and reopened
+        store = NetCDF4DataStore.open(local, mode="r")
+        try:
+            return xr.open_dataset(store, decode_times=False, decode_timedelta=False), store.close
+        except BaseException:
+            store.close()
+            raise
     except FileNotFoundError:
         raise InputError(f"{where}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
