@@ -7,7 +7,9 @@ LocalCluster of 1 and 2 worker processes (one torch thread each). Two models: th
 CNN at 64 px (decode-bound) and an open_clip ViT-B-16 at 224 px with random weights (the
 Planktonzilla architecture; compute-bound). ``classify`` runs the built-in CNN with a linear head over
 Planktonzilla's 602 classes (7-rank lineages): its ceiling is the same loop through the head, softmax and
-top-k; the stage also derives per-rank predictions and writes them. Writes
+top-k; the stage also derives per-rank predictions and writes them. Classify has a second ceiling
+(issue 18), ``bare_classify_loops``: the same bytes decoded, letterboxed and classified (top-k) in a
+plain loop, one process with one torch thread per worker. Writes
 ``benchmarks/results/embed--<host>--<device>.json``.
 """
 
@@ -37,6 +39,7 @@ from pzscale.embed import embed  # noqa: E402
 from pzscale.ingest import ingest  # noqa: E402
 from pzscale.ml.inference import autocast  # noqa: E402
 from pzscale.ml.models import (  # noqa: E402
+    LoadedModel,
     ModelCard,
     builtin_backbone,
     import_checkpoint,
@@ -90,6 +93,74 @@ def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads
     return len(pixels) / (time.perf_counter() - start)
 
 
+def bare_classify_loop(model: str | LoadedModel, images_bytes: list[bytes], batch: int, *, top_k: int = 5,
+                       threads: int = 1, device: str = "cpu", precision: str = "fp32") -> float:
+    """Images/s of a bare classify loop that decodes: for each batch of encoded images, decode
+    (``images.decode``, PIL), letterbox to the model's size and normalise (``prepare_batch``, as the
+    stage does), backbone + head, softmax, top-k. ``model``: a model directory or a loaded model
+    with a head; ``images_bytes``: encoded images already in memory (all decodable); ``threads``
+    torch threads. One warm-up batch runs untimed first. The ceiling of the classify stage (issue 18).
+    """
+    torch.set_num_threads(threads)
+    start, end = _timed_classify(model, images_bytes, batch, top_k, device, precision)
+    return len(images_bytes) / (end - start)
+
+
+def _timed_classify(model: str | LoadedModel, images_bytes: list[bytes], batch: int, top_k: int, device: str,
+                    precision: str, before=None) -> tuple[float, float]:
+    """(start, end) on the monotonic clock (shared by the processes of one host) of the timed loop
+    of ``bare_classify_loop``; ``before()`` runs after the warm-up, just before the clock starts."""
+    model = load_model(model, device=device) if isinstance(model, str | os.PathLike) else model
+    card = model.card
+    k = min(top_k, len(card.classes))
+
+    def run(encoded: list[bytes]) -> None:
+        x, _ = prepare_batch([images.decode(b) for b in encoded], size=card.image_size, mean=card.mean,
+                             std=card.std, device=model.device)
+        probs, order = torch.topk(model.logits(x).softmax(-1), k)
+        probs.cpu().numpy(), order.cpu().numpy()
+
+    with torch.no_grad(), autocast(model.device, precision):
+        run(images_bytes[:batch])  # warm-up
+        _sync(str(model.device))
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        for i in range(0, len(images_bytes), batch):
+            run(images_bytes[i:i + batch])
+        _sync(str(model.device))  # the timed region ends when the device has finished
+    return start, time.perf_counter()
+
+
+def _classify_loop_process(model_dir: str, images_bytes: list[bytes], batch: int, top_k: int, device: str,
+                           precision: str, barrier) -> tuple[float, float]:
+    """One process of ``bare_classify_loops``, one torch thread: the span of its timed loop."""
+    torch.set_num_threads(1)
+    return _timed_classify(model_dir, images_bytes, batch, top_k, device, precision, before=barrier.wait)
+
+
+def bare_classify_loops(model_dir: str, images_bytes: list[bytes], batch: int, processes: int, *, top_k: int = 5,
+                        device: str = "cpu", precision: str = "fp32") -> float:
+    """Images/s of ``processes`` bare classify loops side by side, one torch thread each, the images
+    split evenly between them (as the stage's workers split the shards): all images over the time
+    from the first loop's start to the last one's end, the loops released together after loading
+    the model and a warm-up batch. With one process it runs here (``bare_classify_loop``).
+    """
+    if processes == 1:
+        return bare_classify_loop(model_dir, images_bytes, batch, top_k=top_k, device=device, precision=precision)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        barrier = manager.Barrier(processes)
+        parts = [images_bytes[i::processes] for i in range(processes)]
+        spans = list(pool.map(_classify_loop_process, [model_dir] * processes, parts, [batch] * processes,
+                              [top_k] * processes, [device] * processes, [precision] * processes,
+                              [barrier] * processes))
+    return len(images_bytes) / (max(end for _, end in spans) - min(start for start, _ in spans))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -141,7 +212,8 @@ def main() -> None:
             ingest([str(work / "src")], url, shard_len=args.shard_len, client=client, progress=False)
         group = catalog.open_group(url)
         ok = np.flatnonzero(group["status"][:] == "ok")
-        pixels = [images.decode(bytes(b)) for b in group["image_bytes"].get_orthogonal_selection((ok,))]
+        encoded = [bytes(b) for b in group["image_bytes"].get_orthogonal_selection((ok,))]
+        pixels = [images.decode(b) for b in encoded]
         n = catalog.n_rows_of(group)
         results: dict = {"metadata": {"machine": machine(args.device), "suite": "embed", "images": n,
                                       "decoded": len(ok), "batch_size": args.batch_size, "repeats": args.repeats,
@@ -161,10 +233,19 @@ def main() -> None:
                     ratio = statistics.median(piped) / statistics.median(bare)
                     res[f"{workers}w"] = {"bare_loop_images_per_s": stats(bare), "pzscale_images_per_s": stats(piped),
                                           "ratio": ratio}
+                    if top_k:  # issue 18's ceiling: a loop that decodes the same bytes, one process per worker
+                        loop = [bare_classify_loops(model_dir, encoded, args.batch_size, workers, top_k=top_k,
+                                                    device=args.device, precision=precision)
+                                for _ in range(args.repeats)]
+                        res[f"{workers}w"]["decode_loop_images_per_s"] = stats(loop)
+                        res[f"{workers}w"]["classify_vs_decode_loop"] = (statistics.median(piped)
+                                                                         / statistics.median(loop))
                     results["summary"].append({
                         "stage": "classify" if top_k else "embed", "model": key, "workers": workers, "images": n,
                         "device": args.device.split(":")[0], "images_per_s": statistics.median(piped),
-                        "ceiling_ratio": ratio, "ceiling_target": 0.9, "precision": precision})
+                        "ceiling_ratio": ratio, "ceiling_target": 0.9, "precision": precision,
+                        **({"classify_vs_decode_loop": res[f"{workers}w"]["classify_vs_decode_loop"],
+                            "decode_loop_target": 0.8} if top_k else {})})
                     print(key, workers, json.dumps(res[f"{workers}w"]), flush=True)
         out = save("embed", results, f"{args.device}-{args.label}" if args.label else args.device)
         render_readme()
@@ -180,8 +261,8 @@ def _device_name(device: str) -> str:
 def render_readme() -> None:
     """Rewrite the embed table in benchmarks/README.md from every embed JSON under results/."""
     rows = ["| machine | device | model | images (shard) | workers | bare torch loop img/s | pzscale stage img/s "
-            "| ratio |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
+            "| ratio | decode loop img/s | stage / decode loop |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path in sorted((HERE / "results").glob("embed--*.json")):
         data = json.loads(path.read_text())
         m = data["metadata"]
@@ -190,7 +271,10 @@ def render_readme() -> None:
                 rows.append(f"| {m['machine']['cpus']} CPU, {m['machine']['commit']} | {m['device']} | {model} "
                             f"| {m['images']:,} ({m['shard_len']:,}) | {workers[:-1]} "
                             f"| {r['bare_loop_images_per_s']['median']:,.1f} "
-                            f"| {r['pzscale_images_per_s']['median']:,.1f} | {r['ratio']:.2f} |")
+                            f"| {r['pzscale_images_per_s']['median']:,.1f} | {r['ratio']:.2f} "
+                            + (f"| {r['decode_loop_images_per_s']['median']:,.1f} "
+                               f"| {r['classify_vs_decode_loop']:.2f} |" if "decode_loop_images_per_s" in r
+                               else "| | |"))
     readme = HERE / "README.md"
     text = readme.read_text()
     head, rest = text.split("<!-- embed:start -->", 1)

@@ -19,7 +19,7 @@ from pzscale.dedup import DEFAULT_EPS, dedup
 from pzscale.embed import embed
 from pzscale.evaluate import evaluate, scores
 from pzscale.ingest import ingest
-from pzscale.ml.inference import in_batches
+from pzscale.ml.inference import DecodedAhead, decode_rows, in_batches, rank_groups
 from pzscale.ml.models import ModelCard, load_model
 from pzscale.split import assign_splits
 from pzscale.synth import synth
@@ -217,6 +217,90 @@ def test_per_rank_predictions_sum_probabilities_by_lineage_prefix():
     assert out["kingdom_prob"][0] == pytest.approx(0.6)
     assert list(out["order"]) == ["chromista ochrophyta", "detritus"]  # shorter lineages keep their full text
     assert out["topk_label"].shape == (2, 2)
+
+
+def test_predictions_are_bit_for_bit_the_full_sort_and_add_at_reference():
+    """The top-k partition and the ordered rank sums give exactly what a full stable argsort and
+    np.add.at gave: ties (across the k-th place too), a NaN row, one-member and large groups."""
+    rng = np.random.default_rng(0)
+    classes = [f"k{i % 2} p{i % 5} c{i % 11} o{i % 17} f{i % 29} g{i % 37} s{i}" for i in range(60)] + ["detritus"]
+    logits = rng.normal(size=(300, len(classes))) * rng.uniform(0.1, 8, size=(300, 1))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+    probs[:20] = np.float32(1 / len(classes))  # every class tied
+    probs[20:40] = np.round(probs[20:40], 2)  # ties across the 5th place
+    probs[40, 3] = np.nan
+    for top_k in (1, 5, len(classes), len(classes) + 3):
+        out = predictions(probs, classes, top_k=top_k)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(classes))]
+        assert (out["topk_label"] == np.array(classes, dtype=object)[order]).all()
+        assert out["topk_prob"].tobytes() == np.take_along_axis(probs, order, 1).tobytes()
+    for rank, (prefixes, index) in rank_groups(classes).items():
+        summed = np.zeros((len(probs), len(prefixes)), np.float64)
+        np.add.at(summed.T, index, probs.T)
+        best = summed.argmax(1)
+        assert (out[rank] == np.array(prefixes, dtype=object)[best]).all()
+        assert out[f"{rank}_prob"].tobytes() == summed[np.arange(len(probs)), best].astype(np.float32).tobytes()
+
+
+class _Rows:
+    """The two arrays decode_rows reads, as numpy stand-ins for the Zarr arrays."""
+
+    class _Bytes:
+        def __init__(self, values):
+            self.values = values
+
+        def get_orthogonal_selection(self, selection):
+            return self.values[selection[0]]
+
+    def __init__(self, status, encoded):
+        self.arrays = {"status": np.array(status, dtype=object), "image_bytes": self._Bytes(np.array(encoded, object))}
+
+    def __getitem__(self, name):
+        return self.arrays[name]
+
+
+def _png(array) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_decoding_ahead_gives_the_plain_decode_in_order():
+    """decode_rows(ahead=...) (a background thread, chunk by chunk) returns the rows and pixels of the
+    plain decode, in order, whatever slices the model takes; rows that did not decode at ingest are
+    skipped by both, and bytes that fail to decode raise the same error when their chunk is reached."""
+    rng = np.random.default_rng(1)
+    shapes = [(7, 5), (9, 9, 3), (4, 11, 4), (12, 3), (6, 6, 3)]
+    encoded, status = [], []
+    for i in range(23):
+        shape = shapes[i % len(shapes)]
+        encoded.append(_png(rng.integers(0, 256, size=shape, dtype=np.uint8)))
+        status.append("ok" if i % 6 else "error")
+    encoded[6] = b""  # failed at ingest: never decoded
+    group = _Rows(status, encoded)
+    ok, plain = decode_rows(group, 2, 23)
+    for chunk in (1, 4, 64):
+        ok_ahead, ahead = decode_rows(group, 2, 23, ahead=chunk)
+        assert isinstance(ahead, DecodedAhead) and (ok_ahead == ok).all() and len(ahead) == len(plain)
+        taken = [*ahead[0:3], *ahead[3:11], *ahead[11:]]  # batches as forward slices them
+        assert ahead[-1] is taken[-1]
+        assert all(a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
+                   for a, b in zip(taken, plain, strict=True))
+        ahead.close()
+    assert len(decode_rows(group, 0, 1, ahead=4)[1]) == 0  # a range with no decodable row
+    broken = _Rows(["ok"] * 6, [_png(np.zeros((4, 4), np.uint8))] * 5 + [b"\x89PNG\r\n\x1a\n truncated"])
+    with pytest.raises(OSError) as plain_error:
+        decode_rows(broken, 0, 6)
+    ok_ahead, ahead = decode_rows(broken, 0, 6, ahead=4)
+    assert [p.shape for p in ahead[0:4]] == [(4, 4)] * 4  # the chunk before the broken one is served
+    with pytest.raises(type(plain_error.value)):
+        ahead[4:6]
+    ahead.close()
 
 
 def test_scores_truncate_lineages_per_rank():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -100,12 +101,55 @@ def in_batches(fn: Callable[[int, int], Any], n: int, batch_size: int) -> list[A
     return out
 
 
-def decode_rows(group: Any, start: int, stop: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows of [start, stop) whose image decoded at ingest (positions relative to start), and their pixels."""
+def decode_rows(group: Any, start: int, stop: int, *, ahead: int = 0) -> tuple[np.ndarray, Sequence[np.ndarray]]:
+    """Rows of [start, stop) whose image decoded at ingest (positions relative to start), and their pixels.
+
+    With ``ahead`` (images per chunk, e.g. the batch size) the pixels are a ``DecodedAhead``: decoded on a
+    background thread, chunk by chunk in row order, while the caller runs the model on the chunks
+    already decoded; otherwise a list, decoded here.
+    """
     status = group["status"][start:stop]
     ok = np.flatnonzero(status == STATUS_OK)
     encoded = group["image_bytes"].get_orthogonal_selection((ok + start,)) if len(ok) else []
+    if ahead:
+        return ok, DecodedAhead(encoded, ahead)
     return ok, [images.decode(bytes(b)) for b in encoded]
+
+
+def _decode_chunk(encoded: Sequence[Any]) -> list[np.ndarray]:
+    return [images.decode(bytes(b)) for b in encoded]
+
+
+class DecodedAhead(Sequence):
+    """Decoded images of encoded ones, in their order, decoded on one background thread in chunks.
+
+    Indexing (an image or a slice) waits for the chunks it needs only. PIL releases the GIL while it
+    decodes and torch while it computes, so decoding the next batches overlaps the model's forward pass
+    over this one. A chunk that fails to decode raises its error where it is indexed, as the plain
+    decode would have raised it; ``close`` drops the chunks not started (after an error).
+    """
+
+    def __init__(self, encoded: Sequence[Any], chunk: int) -> None:
+        self._n, self._chunk = len(encoded), max(1, int(chunk))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pzscale-decode")
+        self._parts = [pool.submit(_decode_chunk, encoded[i:i + self._chunk]) for i in range(0, self._n, self._chunk)]
+        pool.shutdown(wait=False)  # the thread ends after the last chunk
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(index)
+        return self._parts[index // self._chunk].result()[index % self._chunk]
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.cancel()
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,7 +165,7 @@ def autocast(device: str | torch.device, precision: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(kind, dtype=dtype)
 
 
-def forward(model: LoadedModel, pixels: list[np.ndarray], *, batch_size: int, with_logits: bool,
+def forward(model: LoadedModel, pixels: Sequence[np.ndarray], *, batch_size: int, with_logits: bool,
             tta: bool = False, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Embeddings (n, D) float32, class probabilities (n, C) or None, and letterbox scales (n,).
 
@@ -179,7 +223,7 @@ def gpu_resources(client: Any) -> dict | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
-def run_model_shard(task: ShardTask, compute: Callable[[LoadedModel, np.ndarray, list[np.ndarray], ShardTask],
+def run_model_shard(task: ShardTask, compute: Callable[[LoadedModel, np.ndarray, Sequence[np.ndarray], ShardTask],
                                                         dict[str, np.ndarray]]) -> ShardResult:
     """The body every model stage's shard task shares.
 
@@ -189,8 +233,11 @@ def run_model_shard(task: ShardTask, compute: Callable[[LoadedModel, np.ndarray,
     """
     model = model_on_worker(task.params["model_dir"], task.params["device"])
     group = task.catalog.group("r+")
-    ok, pixels = decode_rows(group, task.row_from, task.stop)
-    new = compute(model, ok, pixels, task)
+    ok, pixels = decode_rows(group, task.row_from, task.stop, ahead=task.params.get("batch_size", 64))
+    try:
+        new = compute(model, ok, pixels, task)
+    finally:
+        pixels.close()
     task.catalog.write(task.start, task.stop, catalog.with_stored_rows(group, task.start, task.row_from, new))
     # a shard extended after an append replaces its earlier marker; otherwise an existing marker
     # means another attempt finished this shard first (same bytes), and the task is done too
