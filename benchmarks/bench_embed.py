@@ -65,13 +65,18 @@ def make_models(work: Path) -> dict[str, str]:
     torch.save(vit.state_dict(), work / "vit.pt")
     import_checkpoint(work / "vit.pt", kind="open_clip", architecture="ViT-B-16", out_dir=work / "vit",
                       name="bench-vit-b-16", version="random")
+    head_dir = classify_model(work / "cnn-head")
+    return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit"), "classify-builtin-cnn-64": head_dir}
+
+
+def classify_model(out: Path) -> str:
+    """The built-in 64 px CNN with a linear head over 602 classes with 7-rank lineages (random weights)."""
     classes = [f"Eukaryota;Phylum{i % 7};Class{i % 23};Order{i % 61};Family{i % 151};Genus{i % 307};Species{i}"
                for i in range(N_CLASSES)]
-    head_dir = str(work / "cnn-head")
-    save_model(head_dir, ModelCard(name="bench-cnn-head", version="1", kind="builtin", architecture="pzcnn-small",
+    save_model(str(out), ModelCard(name="bench-cnn-head", version="1", kind="builtin", architecture="pzcnn-small",
                                    embed_dim=128, image_size=64, mean=(0.5,) * 3, std=(0.25,) * 3, classes=classes,
                                    head="linear"), builtin_backbone(128), make_head("linear", 128, N_CLASSES))
-    return {"builtin-cnn-64": cnn, "open_clip-ViT-B-16-224": str(work / "vit"), "classify-builtin-cnn-64": head_dir}
+    return str(out)
 
 
 def bare_loop(model_dir: str, pixels: list[np.ndarray], batch_size: int, threads: int, device: str,

@@ -74,18 +74,10 @@ def grid_file() -> str:
 
 def classify_model(work: Path) -> str:
     import torch
-    from bench_embed import N_CLASSES
-
-    from pzscale.ml.models import ModelCard, builtin_backbone, make_head, save_model
+    from bench_embed import classify_model as make
 
     torch.manual_seed(0)
-    classes = [f"Eukaryota;Phylum{i % 7};Class{i % 23};Order{i % 61};Family{i % 151};Genus{i % 307};Species{i}"
-               for i in range(N_CLASSES)]
-    out = str(work / "cnn-head")
-    save_model(out, ModelCard(name="scale-cnn-head", version="1", kind="builtin", architecture="pzcnn-small",
-                              embed_dim=128, image_size=64, mean=(0.5,) * 3, std=(0.25,) * 3, classes=classes,
-                              head="linear"), builtin_backbone(128), make_head("linear", 128, N_CLASSES))
-    return out
+    return make(work / "cnn-head")
 
 
 class ClientPeak:
