@@ -5,7 +5,6 @@ images' DCT profiles (see the package doc)."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import combinations
@@ -271,9 +270,7 @@ def near_groups(client: Client, cat: Catalog, ok: np.ndarray, phash: np.ndarray,
     rng = np.random.default_rng(0)
     sample = unique[rng.choice(len(unique), SAMPLE, replace=False)] if len(unique) > SAMPLE else unique
     spec = BandSpec(threshold, bands or choose_bands(threshold, len(unique), sample))
-    started = time.perf_counter()
     pairs, stats = near_pairs(client, unique, spec)
-    stats["search_seconds"] = round(time.perf_counter() - started, 3)
     ia, ib = np.searchsorted(unique, pairs["a"].to_numpy()), np.searchsorted(unique, pairs["b"].to_numpy())
     facts = {"threshold": threshold, "similarity": similarity, "bands": spec.bands, "keys": spec.n_keys,
              "unique_hashes": len(unique), "links": len(pairs), **stats}
