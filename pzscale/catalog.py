@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version
@@ -35,9 +36,16 @@ DEFAULT_SHARD_LEN = 16384
 # 4 Dask chunks per default shard (about 4,300 per variable for 17.4M images).
 CHUNK_LEN = 4096
 SHARD_UNIT = 256  # shard lengths above CHUNK_LEN are multiples of this
-LAYOUT_VERSION = 1
+# 1: env QC arrays of strings; 2: env QC arrays of int8 CF flag codes (``pzscale migrate`` brings 1 to 2)
+LAYOUT_VERSION = 2
+MIGRATABLE_LAYOUTS = (1,)
 ATTRS_KEY = "pzscale"
 DIM = "image"
+
+# zarr decodes a shard's inner chunks one batch of 1 at a time by default; in batches of 16 a 65,536-row shard of
+# a numeric column reads in ~30-45% less time (9-10 -> 5-6 ms on the VM, 2026-12-04). The user's setting wins.
+if "ZARR_CODEC_PIPELINE__BATCH_SIZE" not in os.environ:
+    zarr.config.set({"codec_pipeline.batch_size": 16})
 
 # image_bytes uses zarr's vlen-bytes data type on purpose (lossless, row-aligned encoded
 # images); zarr warns on every open that the type is not yet in the v3 spec.
@@ -225,9 +233,11 @@ def ensure_rows(group: zarr.Group, n_rows: int) -> None:
 
 
 def open_group(
-    url: str, *, mode: str = "r", storage_options: dict | None = None, check: bool = True
+    url: str, *, mode: str = "r", storage_options: dict | None = None, check: bool = True,
+    layouts: tuple[int, ...] = (LAYOUT_VERSION,),
 ) -> zarr.Group:
-    """Open a catalog group; with ``check``, verify every array has the catalog's rows and shards."""
+    """Open a catalog group of one of ``layouts``; with ``check``, verify every array has the catalog's
+    rows and shards. A catalog of an older layout is refused with the command that migrates it."""
     if not exists(url, storage_options=storage_options):
         raise CatalogError(f"{url}: no catalog here (no zarr.json)")
     group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options, use_consolidated=False)
@@ -237,7 +247,11 @@ def open_group(
         raise CatalogError(f"{url}: {e}") from None
     except KeyError:
         meta = None
-    if not meta or meta.get("layout") != LAYOUT_VERSION:
+    layout = (meta or {}).get("layout")
+    if layout in MIGRATABLE_LAYOUTS and layout not in layouts:
+        raise CatalogError(f"{url}: a catalog of layout {layout} (an older pzscale); "
+                           f"run `pzscale migrate --catalog {url}` to bring it to layout {LAYOUT_VERSION}")
+    if not meta or layout not in layouts:
         raise CatalogError(f"{url}: not a pzscale catalog of layout {LAYOUT_VERSION}")
     if check:
         _checked_arrays(group, url)
@@ -383,7 +397,15 @@ def ensure_array(
 
 
 def read_rows(group: zarr.Group, start: int, stop: int, names: Iterable[str] = VARIABLE_NAMES) -> dict:
-    return {name: group[name][start:stop] for name in names}
+    """Rows [start, stop) of the named arrays, read concurrently (as ``write_arrays`` writes): one round trip
+    to zarr's event loop for all of them, so on object storage their GETs overlap (on local disk it is
+    no faster)."""
+    arrays = {name: group[name] for name in names}
+
+    async def read_all() -> list:
+        return await asyncio.gather(*(arr.async_array.getitem(slice(start, stop)) for arr in arrays.values()))
+
+    return dict(zip(arrays, sync(read_all()), strict=True))
 
 
 def with_stored_rows(group: zarr.Group, start: int, first_new: int, new: dict[str, np.ndarray]) -> dict:

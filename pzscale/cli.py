@@ -525,6 +525,22 @@ def verify(
 
 
 @app.command()
+def migrate(
+    catalog_url: CatalogOpt,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Bring a catalog written by an older pzscale to the current layout, in place (resumable: rerun it
+    if it stops); a catalog of the current layout is left as it is."""
+    from pzscale.migrate import migrate as run
+
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    done = run(catalog_url, storage_options=so, log=typer.echo)
+    typer.echo(f"{catalog_url}: layout {done['from']} -> {done['to']}" if done["arrays"] or done["from"] != done["to"]
+               else f"{catalog_url}: already layout {done['to']}; nothing to do")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Argument(help="folder for the demo's inputs and catalog")] = Path("demo-output"),
     images: Annotated[int, typer.Option("--images", "-n")] = 6000,

@@ -71,12 +71,12 @@ def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy
     for name, variable in (("sst", "sst"), ("temp", "thetao"), ("so", "so")):
         values, qc = expected_join(url, grid, variable)
         np.testing.assert_array_equal(ds[f"env_{name}"].values, values)
-        np.testing.assert_array_equal(ds[f"env_{name}_qc"].values, qc)
+        np.testing.assert_array_equal(grids.qc_names(ds[f"env_{name}_qc"].values), qc)
         assert ds[f"env_{name}"].dtype == np.float32
         assert catalog.done_shards(url, f"env/{name}") == set(range(n_shards))
     lat = ds["lat"].values
     depth_known = np.isfinite(ds["depth_min"].values)
-    sst_qc, temp_qc = ds["env_sst_qc"].values, ds["env_temp_qc"].values
+    sst_qc, temp_qc = grids.qc_names(ds["env_sst_qc"].values), grids.qc_names(ds["env_temp_qc"].values)
     assert (sst_qc[np.isnan(lat)] == "no_position").all() and (sst_qc[~np.isnan(lat)] != "no_position").all()
     assert ((temp_qc == "no_position") == (np.isnan(lat) | ~depth_known)).all()
     assert (sst_qc == "ok").sum() > 0.5 * np.isfinite(lat).sum()
@@ -87,7 +87,9 @@ def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy
     assert attrs["grid"] == grid  # nested mappings are flattened so that netCDF can store them
     assert [attrs[f"tolerances_{axis}"] for axis in ("lat", "lon", "time_days")] == [4.0, 4.0, 31.0]
     assert ds["env_temp"].attrs["variable"] == "thetao" and ds["env_so"].attrs["units"] == "1e-3"
-    assert set(ds["env_sst_qc"].attrs["flag_values"]) == set(grids.QC_VALUES)
+    qc_attrs = ds["env_sst_qc"].attrs
+    assert ds["env_sst_qc"].dtype == np.int8 and qc_attrs["flag_values"] == [-1, 0, 1, 2, 3, 4]
+    assert qc_attrs["flag_meanings"].split() == ["not_joined", *grids.QC_VALUES]
     record = catalog.metadata(catalog.open_group(url))["stages"]["env/temp"]
     assert record["variable"] == "thetao" and record["options"]["depth"] == "nearest"
 
@@ -101,7 +103,7 @@ def test_env_writes_values_qc_attrs_and_markers_and_resumes(client, catalog_copy
     assert redone.shards_written == n_shards
     ds = open_catalog(url)
     values, qc = expected_join(url, grid, "sst", tight)
-    np.testing.assert_array_equal(ds["env_sst_qc"].values, qc)
+    np.testing.assert_array_equal(grids.qc_names(ds["env_sst_qc"].values), qc)
     np.testing.assert_array_equal(ds["env_sst"].values, values)
     assert (qc == "out_of_range").sum() > (sst_qc == "out_of_range").sum()
     np.testing.assert_array_equal(ds["env_temp"].values, expected_join(url, grid, "thetao")[0])  # untouched
@@ -127,7 +129,7 @@ def test_a_worker_opens_the_grid_once_for_all_its_shards_and_again_once_rewritte
     ds = open_catalog(catalog_copy)
     values, qc = expected_join(catalog_copy, path, "sst")
     np.testing.assert_array_equal(ds["env_sst"].values, values)
-    np.testing.assert_array_equal(ds["env_sst_qc"].values, qc)
+    np.testing.assert_array_equal(grids.qc_names(ds["env_sst_qc"].values), qc)
     assert not np.array_equal(values, first, equal_nan=True)
 
 
@@ -147,10 +149,10 @@ def test_cobe_samples_and_a_land_fill_through_the_catalog(client, catalog_copy, 
         progress=False)
     ds = open_catalog(url).isel(image=slice(0, len(SAMPLES) + 1))
     np.testing.assert_allclose(ds["env_sst"].values[:5], [s[3] for s in SAMPLES], atol=0.01)
-    assert ds["env_sst_qc"].values.tolist() == ["ok"] * 5 + ["no_position" if np.isfinite(cols["lat"][5])
-                                                             else "no_position"]
+    sst_qc = grids.qc_names(ds["env_sst_qc"].values)
+    assert sst_qc.tolist() == ["ok"] * 5 + ["no_position" if np.isfinite(cols["lat"][5]) else "no_position"]
     np.testing.assert_array_equal(ds["env_basin"].values[:5], [s[4] for s in SAMPLES])
-    assert ds["env_basin_qc"].values[:5].tolist() == ["ok"] * 4 + ["land_filled"]
+    assert grids.qc_names(ds["env_basin_qc"].values)[:5].tolist() == ["ok"] * 4 + ["land_filled"]
     assert ds["env_sst"].attrs["time_method"] == "month of year (climatology)"
 
 
@@ -200,7 +202,7 @@ def test_grids_on_s3_zarr_in_place_and_netcdf_fetched(client, moto, catalog_copy
         values, qc = remote_nc.join(cols["lat"], cols["lon"], depth_min=cols["depth_min"],
                                     depth_max=cols["depth_max"], time=cols["time"])
     np.testing.assert_array_equal(ds["env_thetao"].values, values)  # the same grid as Zarr and as NetCDF
-    np.testing.assert_array_equal(ds["env_thetao_qc"].values, qc)
+    np.testing.assert_array_equal(grids.qc_names(ds["env_thetao_qc"].values), qc)
     assert (qc == "ok").any() and ds["env_thetao"].attrs["grid"] == "s3://envbucket/grid.zarr"
     group_attrs = json.dumps(catalog.metadata(catalog.open_group(url)))
     assert so["secret"] not in group_attrs and so["key"] not in group_attrs
@@ -220,3 +222,77 @@ def test_cli_env(client, catalog_copy, grid):
                               "--scheduler", client.scheduler.address])
     assert bad.exit_code == 1 and "no variable 'nothing'" in bad.output
     assert json.loads(json.dumps(xr.open_zarr(catalog_copy, consolidated=False)["env_sst"].attrs))["grid"] == grid
+
+
+def as_layout_1(url: str, name: str, unjoined_shard: int) -> np.ndarray:
+    """Rewrite ``name`` as an older pzscale stored it (QC strings, layout 1), one shard never joined ("");
+    returns the strings."""
+    group = catalog.open_group(url, mode="r+", layouts=(1, catalog.LAYOUT_VERSION))
+    attrs = {k: v for k, v in group[name].attrs.asdict().items() if k not in ("flag_values", "flag_meanings")}
+    names = grids.qc_names(group[name][:])
+    shard_len = catalog.metadata(group)["shard_len"]
+    names[unjoined_shard * shard_len:(unjoined_shard + 1) * shard_len] = ""
+    del group[name]
+    catalog.ensure_array(group, name, dtype="str", fill="", attrs={**attrs, "flag_values": list(grids.QC_VALUES)})
+    for _, start, stop in catalog.shard_ranges(0, len(names), shard_len):
+        if start // shard_len != unjoined_shard:
+            catalog.write_arrays(group, start, stop, {name: names[start:stop].astype(str)})
+    catalog.update_metadata(group, layout=1)
+    return names
+
+
+def test_migrate_turns_layout_1_qc_strings_into_flag_codes_and_resumes_after_a_stop(client, catalog_copy, grid,
+                                                                                     monkeypatch):
+    from pzscale import migrate as migration
+
+    url = catalog_copy
+    env(url, grid, ["sst", "temp=thetao"], client=client, progress=False)
+    before = {name: open_catalog(url)[name].attrs for name in ("env_sst_qc", "env_temp_qc")}
+    strings = {name: as_layout_1(url, name, unjoined_shard=2) for name in ("env_sst_qc", "env_temp_qc")}
+    with pytest.raises(CatalogError, match="layout 1.*pzscale migrate"):
+        open_catalog(url)
+
+    calls = {"n": 0}
+    copy = migration._copy
+
+    def stops_on_second_copy(*args):  # env_sst_qc: codes written to the side array, then a stop while copying back
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("connection lost")
+        return copy(*args)
+
+    monkeypatch.setattr(migration, "_copy", stops_on_second_copy)
+    with pytest.raises(OSError):
+        migration.migrate(url)
+    monkeypatch.setattr(migration, "_copy", copy)
+    with pytest.raises(CatalogError, match="layout 1"):  # not raised until every array is migrated
+        open_catalog(url)
+    result = CliRunner().invoke(app, ["migrate", "--catalog", url])
+    assert result.exit_code == 0, result.output
+    assert "layout 1 -> 2" in result.output
+
+    ds = open_catalog(url)
+    assert not [v for v in catalog.open_group(url).array_keys() if v.startswith(migration.SIDE)]
+    for name, expected in strings.items():
+        assert ds[name].dtype == np.int8
+        np.testing.assert_array_equal(grids.qc_names(ds[name].values), expected)
+        assert (ds[name].values[128:192] == grids.QC_NOT_JOINED).all()
+        assert ds[name].attrs["flag_meanings"].split() == ["not_joined", *grids.QC_VALUES]
+        kept = ("grid", "variable")
+        assert {k: ds[name].attrs[k] for k in kept} == {k: before[name][k] for k in kept}
+    again = CliRunner().invoke(app, ["migrate", "--catalog", url])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    # the stage's done markers survive the migration: a rerun of env finds every shard done
+    report = env(url, grid, ["sst", "temp=thetao"], client=client, progress=False)
+    assert report.shards_written == 0
+
+
+def test_qc_codes_and_names_round_trip_and_refuse_unknown_values():
+    names = np.array(["ok", "", "land_filled", "no_position", "out_of_range", "no_data"], dtype=object)
+    codes = grids.qc_codes(names)
+    assert codes.dtype == np.int8 and codes.tolist() == [0, -1, 2, 4, 1, 3]
+    assert grids.qc_names(codes).tolist() == names.tolist()
+    with pytest.raises(ValueError, match="unknown QC values"):
+        grids.qc_codes(np.array(["ok", "fine"]))
+    with pytest.raises(ValueError, match="between"):
+        grids.qc_names(np.array([5], np.int8))

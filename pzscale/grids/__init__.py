@@ -5,7 +5,8 @@ then cf_xarray's criteria, then a table of names; ``axes`` holds the time axis (
 cftime calendars) and the nearest-lookup kernels (``Axis``, ``LonAxis``, ``regular_step``,
 ``nearest_sorted`` for regular grids, the KD-tree ``CellTree`` for curvilinear ones, sphere
 geometry); ``join`` is the join engine (``JoinOptions``, ``Grid``, ``join_variables``, the
-per-process caches of opened files ``_OPENED``, boxes ``_BOXES`` and trees ``_TREES``, ``QC_VALUES``);
+per-process caches of opened files ``_OPENED``, boxes ``_BOXES`` and trees ``_TREES``, ``QC_VALUES`` and
+the catalog's int8 QC codes: ``qc_names``, ``qc_codes``);
 ``synthetic`` writes a small global grid with known values (``synthetic_grid``, ``synthetic_field``)
 for demos and tests.
 Every name below is re-exported so that ``from pzscale import grids; grids.X`` keeps working.
@@ -30,10 +31,13 @@ from pzscale.grids.join import (
     _BOXES,
     _OPENED,
     _TREES,
+    QC_FLAG_MEANINGS,
+    QC_FLAG_VALUES,
     QC_LAND_FILLED,
     QC_NAMES,
     QC_NO_DATA,
     QC_NO_POSITION,
+    QC_NOT_JOINED,
     QC_OK,
     QC_OUT_OF_RANGE,
     QC_VALUES,
@@ -41,6 +45,8 @@ from pzscale.grids.join import (
     JoinOptions,
     file_identity,
     join_variables,
+    qc_codes,
+    qc_names,
 )
 from pzscale.grids.naming import (
     AXIS_ORDER,
@@ -62,10 +68,13 @@ __all__ = [
     "EARTH_RADIUS_KM",
     "KELVIN_UNITS",
     "MS_PER_DAY",
+    "QC_FLAG_MEANINGS",
+    "QC_FLAG_VALUES",
     "QC_LAND_FILLED",
     "QC_NAMES",
     "QC_NO_DATA",
     "QC_NO_POSITION",
+    "QC_NOT_JOINED",
     "QC_OK",
     "QC_OUT_OF_RANGE",
     "QC_VALUES",
@@ -92,6 +101,8 @@ __all__ = [
     "nearest_sorted",
     "open_grid",
     "opened",
+    "qc_codes",
+    "qc_names",
     "redact",
     "regular_step",
     "resolve_variable",

@@ -53,6 +53,34 @@ QC_OK, QC_OUT_OF_RANGE, QC_LAND_FILLED, QC_NO_DATA, QC_NO_POSITION = range(5)
 QC_VALUES = ("ok", "out_of_range", "land_filled", "no_data", "no_position")
 QC_NAMES = np.asarray(QC_VALUES, dtype=object)  # QC code -> its string: ``QC_NAMES[codes]``
 QC_NAMES.setflags(write=False)
+# In the catalog a QC array is a CF flag variable of these int8 codes; the fill (-1) is a row not joined yet.
+QC_NOT_JOINED = -1
+QC_FLAG_VALUES = (QC_NOT_JOINED, *range(len(QC_VALUES)))
+QC_FLAG_MEANINGS = " ".join(("not_joined", *QC_VALUES))
+
+
+def qc_names(codes: np.ndarray) -> np.ndarray:
+    """The QC strings of stored int8 codes (``""`` for a row not joined yet), e.g. of ``ds["env_sst_qc"]``."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"QC codes must be integers, not {codes.dtype}")
+    if codes.size and (codes.min() < QC_NOT_JOINED or codes.max() >= len(QC_VALUES)):
+        raise ValueError(f"QC codes must be between {QC_NOT_JOINED} and {len(QC_VALUES) - 1}")
+    return np.asarray(("", *QC_VALUES), dtype=object)[codes.astype(np.int64) + 1]
+
+
+def qc_codes(names: np.ndarray) -> np.ndarray:
+    """The int8 codes of QC strings (``""`` -> not joined): what layout 1 stored, as layout 2 stores it."""
+    names = np.asarray(names).astype(object)  # zarr hands strings back as StringDType, which will not cast to str
+    names = np.where(names == None, "", names)  # noqa: E711 (elementwise: a missing string is a row not joined)
+    table = {"": QC_NOT_JOINED, **{name: code for code, name in enumerate(QC_VALUES)}}
+    unknown = set(np.unique(names)) - set(table)
+    if unknown:
+        raise ValueError(f"unknown QC values {sorted(unknown)}: expected {list(table)}")
+    out = np.full(names.shape, QC_NOT_JOINED, np.int8)
+    for name, code in table.items():
+        out[names == name] = code
+    return out
 
 
 @dataclass(frozen=True)
