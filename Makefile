@@ -32,12 +32,14 @@ bench-gpu: $(STAMP)
 bench-embed: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --images 384 --repeats 2
 
-# 1,048,576 images end to end against 131,072 (about an hour on 2 cores the first time: synthesising the images)
+# 1,048,576 images end to end against 131,072 (about 1.5 hours on 2 cores the first time: synthesising the
+# images), then the near-duplicate search in one process at 1M, 2M and 4M pHashes (about 20 minutes)
 bench-scale: $(STAMP)
-	$(BIN)/python benchmarks/bench_near.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_near.py --in-process --variants 1 2 4
 
-# near-duplicate candidate search at 1M, 4M and 17.4M plankton-like pHashes (about 30 minutes on 2 cores)
+# near-duplicate search on 2 workers at 1M, 4M and 16.8M plankton-like pHashes (16.8M did not finish in 40
+# minutes on 2 cores: see benchmarks/README.md)
 bench-near: $(STAMP)
 	$(BIN)/python benchmarks/bench_near.py
 

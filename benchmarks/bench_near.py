@@ -148,6 +148,59 @@ def brute_force_recall(values: np.ndarray, bands: int) -> dict:
             "extra": len(ours - truth), "recall": len(ours & truth) / max(1, len(truth))}
 
 
+def in_process(data: dict, variants: list[int]) -> None:
+    """CPU seconds of ``dedup.search`` over every key in this process, per size: growth without the load of others."""
+    import resource
+
+    rows = []
+    for v in sorted(variants):
+        h = np.unique(np.concatenate([data["phash"]] + [variant(data["coef"], k) for k in range(1, v)]))
+        rng = np.random.default_rng(0)
+        spec = dedup.BandSpec(THRESHOLD, dedup.choose_bands(THRESHOLD, len(h), h[rng.choice(len(h), SAMPLE,
+                                                                                             replace=False)]))
+        started = time.process_time()
+        a, _, stats = dedup.search(h, spec)
+        seconds = time.process_time() - started
+        rows.append({"hashes": v * len(data["phash"]), "unique": len(h), "bands": spec.bands, "keys": spec.n_keys,
+                     "cpu_seconds": seconds, "seconds": seconds, "pairs": len(a), **stats,
+                     "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        print(json.dumps(rows[-1]), flush=True)
+        save("near-cpu", {"metadata": {"machine": machine(), "suite": "near-cpu", "variants": variants},
+                          "runs": rows, "exponent": exponent(rows) if len(rows) > 1 else None})
+        merge_into_scale(rows, "in-process CPU seconds of dedup.search (one process)")
+    if len(rows) > 1:
+        render_in_process(rows)
+
+
+def render_in_process(rows: list[dict], m: dict | None = None) -> None:
+    """The README's ``near`` block from in-process rows; ``m`` is the machine they ran on (this one by default)."""
+    lines = ["| hashes | distinct | bands (keys) | CPU seconds | pairs within 8 bits | pairs compared | largest bucket "
+             "| peak RSS |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['hashes']:,} | {r['unique']:,} | {r['bands']} ({r['keys']}) | {r['seconds']:,.1f} | "
+              f"{r['pairs']:,} | {r['pairs_compared']:,} | {r['largest_bucket']:,} | {r['max_rss_mib']:,.0f} MiB |"
+              for r in rows]
+    m = m or machine()
+    lines += ["", f"One process, {m['cpus']} CPU, commit {m['commit']}, {m['date'][:10]}: growth exponent of the CPU "
+              f"time {exponent(rows):.2f}, of the pairs within the threshold "
+              f"{np.polyfit(np.log([r['hashes'] for r in rows]), np.log([r['pairs'] for r in rows]), 1)[0]:.2f}."]
+    replace_block("near", lines)
+
+
+def merge_into_scale(rows: list[dict], how: str) -> None:
+    """The near-candidate figures in the scale summary (``results/scale--<host>--cpu.json``), if it exists."""
+    scale = result_path("scale")
+    if not scale.exists() or not rows:
+        return
+    merged = json.loads(scale.read_text())
+    merged["summary"]["near_candidates"] = [
+        {"hashes": r["hashes"], "seconds": r["seconds"],
+         "peak_rss_mib": r.get("peak_rss_mib", r.get("max_rss_mib")), "pairs_within_threshold": r["pairs"],
+         "pairs_compared": r["pairs_compared"], "bands": r["bands"]} for r in rows]
+    merged["summary"]["near_exponent"] = exponent(rows) if len(rows) > 1 else None
+    merged["summary"]["near_measured_as"] = how
+    scale.write_text(json.dumps(merged, indent=1, default=float))
+
+
 def exponent(rows: list[dict]) -> float:
     """Least-squares slope of log(seconds) against log(hashes)."""
     x, y = np.log([r["hashes"] for r in rows]), np.log([r["seconds"] for r in rows])
@@ -157,9 +210,14 @@ def exponent(rows: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--in-process", action="store_true",
+                        help="search in this process and time its CPU (for a VM shared with other jobs)")
     args = parser.parse_args()
     folder, _ = dataset(POOL_IMAGES, 0)
     data = pool(folder)
+    if args.in_process:
+        in_process(data, args.variants)
+        return
     n = len(data["phash"])
     same = float(np.mean(variant(data["coef"], 0) == data["phash"]))
     print(f"pool: {n:,} images, {len(data['planted']):,} planted near copies; variant 0 = stored pHash for "
@@ -199,11 +257,7 @@ def main() -> None:
                             "workers": 2},
                "runs": runs, "fixed_bands_runs": fixed, "brute_force_subsample": brute, "summary": summary}
     save("near", results)
-    scale = result_path("scale")
-    if scale.exists():
-        merged = json.loads(scale.read_text())
-        merged["summary"].update({k: summary[k] for k in ("near_candidates", "near_exponent")})
-        scale.write_text(json.dumps(merged, indent=1, default=float))
+    merge_into_scale(runs, "wall seconds of dedup.near_pairs on 2 workers")
     render_readme(results)
     print(json.dumps(summary, indent=1))
 

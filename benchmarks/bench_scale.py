@@ -15,9 +15,9 @@ Side by side at the largest size, in the same run:
 - ``env_stage_vs_sel``: the stage's located points/s over one vectorised xarray ``.sel(method="nearest")`` of the
   same points on the grid variable held in memory (``bench_env.bare_xarray``).
 
-Near-duplicate search at 1M-17.4M hashes is ``bench_near.py``; its figures are merged into the summary here when
-``results/near--<host>--cpu.json`` exists. Writes ``results/scale--<host>--cpu.json``.
-Run: ``make bench-scale`` (about an hour on 2 cores, most of it synthesising the images the first time).
+Near-duplicate search at 1M-16.8M hashes is ``bench_near.py`` (on 2 workers, or ``--in-process``); it merges its
+figures into the summary written here. Writes ``results/scale--<host>--cpu.json``.
+Run: ``make bench-scale`` (about 1.5 hours on 2 cores the first time, most of it synthesising the images).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, WorkerMemory, cluster, machine, replace_block, result_path, save  # noqa: E402
+from common import DATA, WorkerMemory, cluster, machine, replace_block, save  # noqa: E402
 
 from pzscale import grids  # noqa: E402
 from pzscale.abundance import abundance  # noqa: E402
@@ -188,11 +188,6 @@ def summarize(runs: list[dict]) -> dict:
         "compared": [small["images"], large["images"]],
     }
     summary.update({k: large.get("side_by_side", {}).get(k) for k in ("env_stage_vs_sel", "classify_vs_decode_loop")})
-    near = result_path("near")
-    if near.exists():
-        data = json.loads(near.read_text())["summary"]
-        summary["near_candidates"] = data["near_candidates"]
-        summary["near_exponent"] = data["near_exponent"]
     return summary
 
 

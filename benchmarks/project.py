@@ -9,7 +9,8 @@ input with the most workers on each device. Assumptions, stated in the output:
   tasks, so up to ~1,000 workers stay busy; object-storage bandwidth is not modelled);
 - CPU workers are one core each, as here; GPU figures are per GPU;
 - stages whose cost is not linear in N (near-duplicate candidate generation) are
-  extrapolated with the growth exponent measured between their two input sizes.
+  extrapolated with the growth exponent measured over their input sizes (``bench_near.py``: up to
+  4.2M hashes in one process, ``--in-process``, or on 2 workers), credited with more workers linearly.
 
 Published anchors are quoted beside the projection, never mixed into it. Writes
 ``results/projection.json`` and the projection table in README.md. Run after the suites.
@@ -40,7 +41,7 @@ SCALE_STAGES = {"ingest": ("ingest", None), "dedup": ("dedup end to end (hash pa
 
 def summaries() -> list[dict]:
     out = []
-    for suite in ("ingest", "dedup", "embed", "env", "kmeans", "scale", "near"):
+    for suite in ("ingest", "dedup", "embed", "env", "kmeans", "scale", "near", "near-cpu"):
         for data in load(suite):
             entries = data.get("summary", [])
             if suite == "scale":
@@ -53,6 +54,11 @@ def summaries() -> list[dict]:
                 entries = [{"stage": "near-dup candidates", "workers": 2, "images": largest["hashes"], "device": "cpu",
                             "images_per_s": largest["hashes"] / largest["seconds"], "seconds": largest["seconds"],
                             "growth_exponent": data["summary"]["near_exponent"]}]
+            elif suite == "near-cpu":  # one process's CPU seconds (``bench_near.py --in-process``): one worker
+                largest = max(data["runs"], key=lambda r: r["hashes"])
+                entries = [{"stage": "near-dup candidates", "workers": 1, "images": largest["hashes"], "device": "cpu",
+                            "images_per_s": largest["hashes"] / largest["seconds"], "seconds": largest["seconds"],
+                            "growth_exponent": data["exponent"]}]
             for entry in entries:
                 out.append({**entry, "suite": suite, "commit": data["metadata"]["machine"]["commit"],
                             "cpus": data["metadata"]["machine"]["cpus"],
