@@ -37,8 +37,8 @@ DEFAULT_SHARD_LEN = 16384
 CHUNK_LEN = 4096
 SHARD_UNIT = 256  # shard lengths above CHUNK_LEN are multiples of this
 # 1: env QC arrays of strings; 2: env QC arrays of int8 CF flag codes (``pzscale migrate`` brings 1 to 2)
-LAYOUT_VERSION = 2
-MIGRATABLE_LAYOUTS = (1,)
+LAYOUT_VERSION = 3
+MIGRATABLE_LAYOUTS = (1, 2)
 ATTRS_KEY = "pzscale"
 DIM = "image"
 

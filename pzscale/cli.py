@@ -94,6 +94,16 @@ def ingest(
     duplicate_ids: Annotated[str, typer.Option(
         help="rows whose image id another input or catalog row has: flag (keep, QC flag duplicate_image_id), "
              "suffix (~2, ~3 ... on later rows) or refuse (write nothing)")] = "flag",
+    sample: Annotated[str | None, typer.Option(
+        help="sample name for every image of these inputs (a station, a net tow); default: what each reader "
+             "finds (IFCB bin, EcoTaxa sample_id or acq_id, the folder above a class folder)")] = None,
+    sample_column: Annotated[str | None, typer.Option(
+        help="take each image's sample from this record column (e.g. original_path or ObjID of Planktonzilla "
+             "shards, which carry none of their own)")] = None,
+    sample_pattern: Annotated[str | None, typer.Option(
+        help="with --sample-column: the sample is this regular expression's first group (or its whole match) "
+             "in that column, e.g. '^(D\\d{8}T\\d{6}_IFCB\\d+)'; unmatched rows get '' and QC flag "
+             "sample_unmatched")] = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
@@ -109,7 +119,8 @@ def ingest(
     with start_client(scheduler, workers) as client:
         report = run(sources, catalog_url, format=format, source=source, taxonomy_table=taxonomy,
                      taxonomy_source=taxonomy_source, shard_len=shard_len, append=append, client=client,
-                     storage_options=so, duplicate_ids=duplicate_ids)
+                     storage_options=so, duplicate_ids=duplicate_ids, sample=sample, sample_column=sample_column,
+                     sample_pattern=sample_pattern)
     typer.echo(str(report))
 
 

@@ -166,7 +166,7 @@ def _ingest_shard(task: ShardTask) -> ShardResult:
     cat, p = task.catalog, task.params
     plan = _stored_plan(cat, p["plan"])
     # each input file's rows become catalog types on their own: a shard may hold files whose columns differ
-    parts = [_read_segment(plan.readers[index], plan.items[index], first, stop, cat.options)
+    parts = [_read_segment(plan.readers[index], plan.items[index], first, stop, cat.options, p.get("sample"))
              for index, first, stop in p["segments"]]
     columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     if p["taxonomy"]:
@@ -183,13 +183,15 @@ def _ingest_shard(task: ShardTask) -> ShardResult:
                                                     "status": counts}}, status=counts)
 
 
-def _read_segment(reader_name: str, item: Item, first: int, stop: int, so: dict | None) -> dict[str, np.ndarray]:
-    """Rows [first, stop) of one input as catalog variables. Bad values are row data (QC flags, status);
-    anything else that fails is a bug or a storage fault, raised naming the input and its first failing row."""
+def _read_segment(reader_name: str, item: Item, first: int, stop: int, so: dict | None,
+                  sample: dict | None = None) -> dict[str, np.ndarray]:
+    """Rows [first, stop) of one input as catalog variables (``sample``: the ingest's ``records.sample_rule``).
+    Bad values are row data (QC flags, status); anything else that fails is a bug or a storage fault, raised
+    naming the input and its first failing row."""
     reader = readers.get(reader_name)
     try:
         return columns_from_table(reader.read(item, first, stop, storage_options=so),
-                                  row_names=records.row_names(item.source, first, stop))
+                                  row_names=records.row_names(item.source, first, stop), sample=sample)
     except Exception as e:
         if is_transient(e) or isinstance(e, PzscaleError):
             raise
@@ -462,6 +464,9 @@ def ingest(
     progress: bool = True,
     limits: Limits | None = None,
     duplicate_ids: str = "flag",
+    sample: str | None = None,
+    sample_column: str | None = None,
+    sample_pattern: str | None = None,
 ) -> StageReport:
     """Ingest ``sources`` (files or folders of any supported format) into the catalog at ``url``.
 
@@ -476,9 +481,13 @@ def ingest(
     Two ingests into one catalog at once: the one that comes second is refused (CatalogError).
     Image ids are checked across the inputs and the catalog before any write; ``duplicate_ids`` says what
     happens to rows whose id is shared: ``flag`` (kept, QC flag), ``suffix`` (``~2``...), ``refuse``
-    (InputError); see ``pzscale.ids``.
+    (InputError); see ``pzscale.ids``. Each row's ``sample`` is what its reader finds (IFCB bin, EcoTaxa sample_id
+    or acq_id, the folder above a class folder, a ``sample`` column or json field) unless ``sample`` names one for
+    every row, or ``sample_column`` (a record column, e.g. ``original_path``) gives it, cut to ``sample_pattern``'s
+    first group when given (rows it does not match: '' and QC flag ``sample_unmatched``).
     """
     catalog.check_url(url)
+    rule = records.sample_rule(sample, sample_column, sample_pattern)
     if duplicate_ids not in ids.POLICIES:
         raise InputError(f"duplicate ids policy {duplicate_ids!r}: choose one of {', '.join(ids.POLICIES)}")
     if shard_len is not None and not (shard_len > 0 and (shard_len <= catalog.SHARD_UNIT
@@ -507,9 +516,9 @@ def ingest(
         cat.record_stage(plan.stage, {"format": format, "source": source, "taxonomy_table": taxonomy_table,
                                       "taxonomy_source": taxonomy_source, "taxonomy_sha256": table_sha,
                                       "limits": limits.to_dict(), "duplicate_ids": duplicate_ids,
-                                      "shared_id_rows": shared.rows})
+                                      "shared_id_rows": shared.rows, "sample": rule})
     params = {"plan": plan.id, "taxonomy": taxonomy_table, "taxonomy_source": taxonomy_source,
-              "limits": limits.to_dict(), "duplicate_ids": duplicate_ids}
+              "limits": limits.to_dict(), "duplicate_ids": duplicate_ids, **({"sample": rule} if rule else {})}
     by_shard = shared.by_shard(plan.row_start, plan.shard_len)
     ranges = [(t["shard"], t["shard"] * plan.shard_len, t["stop"]) for t in plan.shard_tasks()]
     tasks, skipped = pending(cat, plan.stage, params=params, ranges=ranges)

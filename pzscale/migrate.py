@@ -1,5 +1,8 @@
 """Bring a catalog written by an older pzscale to the current layout: ``pzscale migrate --catalog URL``.
 
+Layout 2 -> 3: the ``sample`` variable, empty ('' = unknown) for the rows ingested before (no data is written: the
+array's fill value is ''; reingesting the inputs into a new catalog fills it).
+
 Layout 1 -> 2: every env QC array (``env_<name>_qc``, strings) becomes a CF flag variable of int8 codes
 (``grids.QC_FLAG_VALUES``; its other attributes kept). Safe to interrupt and rerun: the codes are first written
 whole to a side array ``_migrating_<name>``, only then is the string array replaced by them, and the layout is
@@ -17,6 +20,7 @@ import zarr
 
 from pzscale import catalog, grids
 from pzscale.errors import CatalogError
+from pzscale.schema import VARIABLE_NAMES
 
 SIDE = "_migrating_"
 
@@ -35,6 +39,11 @@ def migrate(url: str, *, storage_options: dict | None = None, log=print) -> dict
     for name in names:
         _migrate_qc(group, name)
         log(f"{url}: {name} is now int8 QC codes (CF flags)")
+    added = sorted(set(VARIABLE_NAMES) - set(group.array_keys()))
+    catalog.ensure_rows(group, catalog.n_rows_of(group))  # variables of later layouts (sample), all fill
+    if added:
+        log(f"{url}: {', '.join(added)} added, '' (unknown) for every row")
+    names += added
     catalog.update_metadata(group, layout=catalog.LAYOUT_VERSION)
     return {"from": layout, "to": catalog.LAYOUT_VERSION, "arrays": names}
 

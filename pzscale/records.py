@@ -9,6 +9,7 @@ whatever the input's.
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime
 
 import numpy as np
@@ -17,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pzscale import images
-from pzscale.errors import one_line
+from pzscale.errors import InputError, one_line
+from pzscale.readers.base import RECORD_COLUMNS
 from pzscale.schema import (
     NUMBER_FROM_PARQUET,
     RANKS,
@@ -127,14 +129,54 @@ def normalise_metadata(out: dict[str, np.ndarray], flags: list[np.ndarray], name
     out["qc"] = qc
 
 
-def columns_from_table(table: pa.Table, *, row_names: list[str]) -> dict[str, np.ndarray]:
+def sample_rule(name: str | None = None, column: str | None = None, pattern: str | None = None) -> dict | None:
+    """What an ingest is told of samples, checked: ``name`` for every row, or the value of record ``column``
+    (a Planktonzilla column such as ``original_path`` or ``ObjID``, or a reader's own), cut to ``pattern``'s
+    first group (its whole match without one) when given. None: each reader's own sample."""
+    if name is not None and (column is not None or pattern is not None):
+        raise InputError("give a sample name or a sample column (with an optional pattern), not both")
+    if pattern is not None and column is None:
+        raise InputError(f"sample pattern {pattern!r} needs a sample column to search")
+    if column is not None and column not in RECORD_COLUMNS:
+        raise InputError(f"sample column {column!r}: not a record column; choose one of {', '.join(RECORD_COLUMNS)}")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"sample pattern {pattern!r}: not a regular expression ({e})") from None
+    if name is None and column is None:
+        return None
+    return {"name": name} if name is not None else {"column": column, "pattern": pattern}
+
+
+def samples_by_rule(table: pa.Table, rule: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sample under an ingest's ``sample_rule``, and the rows whose column did not match the pattern
+    (their sample is '', flagged ``sample_unmatched``)."""
+    if "name" in rule:
+        return np.full(table.num_rows, rule["name"], dtype=object), np.zeros(table.num_rows, bool)
+    values = _text(table, rule["column"])
+    if rule["pattern"] is None:
+        return values, np.zeros(len(values), bool)
+    pattern = rule["pattern"] if re.compile(rule["pattern"]).groups else f"({rule['pattern']})"
+    found = pd.Series(values, dtype=object).str.extract(pattern, expand=False)
+    if isinstance(found, pd.DataFrame):  # several groups: the first
+        found = found.iloc[:, 0]
+    unmatched = found.isna().to_numpy()
+    return found.fillna("").to_numpy(dtype=object), unmatched
+
+
+def columns_from_table(table: pa.Table, *, row_names: list[str], sample: dict | None = None) -> dict[str, np.ndarray]:
     """Catalog variables for a records table (any reader), including per-row decode status and QC.
 
-    ``row_names`` ("<input>#<row>") is the image id of last resort.
+    ``row_names`` ("<input>#<row>") is the image id of last resort; ``sample`` an ingest's ``sample_rule``.
     """
     n = table.num_rows
     out: dict[str, np.ndarray] = {name: _text(table, col) for name, col in TEXT_FROM_PARQUET.items()}
     flags, flag_names = [], []
+    if sample is not None:
+        out["sample"], unmatched = samples_by_rule(table, sample)
+        flags.append(unmatched)
+        flag_names.append("sample_unmatched")
     for name, col in NUMBER_FROM_PARQUET.items():
         out[name], unparsed = _number(table, col)
         flags.append(unparsed)  # text that is no number: NaN, and said so

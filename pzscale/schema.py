@@ -39,6 +39,8 @@ VARIABLES: tuple[Variable, ...] = (
     _s("original_label", "label as given by the source"),
     _s("original_path", "path of the image in the source archive"),
     _s("object_id", "object id in the source (EcoTaxa objid, IFCB ROI, ...)"),
+    _s("sample", "sample the image was taken in: IFCB bin, EcoTaxa sample_id (else acq_id), the folder above a class "
+                 "folder, or as the ingest was told ('' unknown)"),
     *(_s(rank, f"harmonised taxonomy: {rank}") for rank in RANKS),
     _s("lineage", "lowercase non-empty ranks joined by spaces (Planktonzilla text format)"),
     _s("proposed_label", "harmonised label (binomial at species level)"),
@@ -105,6 +107,7 @@ TEXT_FROM_PARQUET = {
     "original_label": "original_label",
     "original_path": "original_path",
     "object_id": "ObjID",
+    "sample": "sample",
     **{rank: rank.capitalize() for rank in RANKS},
     "proposed_label": "proposed_label",
     "root_class": "root_class",

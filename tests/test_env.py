@@ -225,9 +225,9 @@ def test_cli_env(client, catalog_copy, grid):
 
 
 def as_layout_1(url: str, name: str, unjoined_shard: int) -> np.ndarray:
-    """Rewrite ``name`` as an older pzscale stored it (QC strings, layout 1), one shard never joined ("");
-    returns the strings."""
-    group = catalog.open_group(url, mode="r+", layouts=(1, catalog.LAYOUT_VERSION))
+    """Rewrite ``name`` as an older pzscale stored it (QC strings, layout 1, no ``sample`` variable), one shard
+    never joined (""); returns the strings."""
+    group = catalog.open_group(url, mode="r+", layouts=(1, catalog.LAYOUT_VERSION), check=False)
     attrs = {k: v for k, v in group[name].attrs.asdict().items() if k not in ("flag_values", "flag_meanings")}
     names = grids.qc_names(group[name][:])
     shard_len = catalog.metadata(group)["shard_len"]
@@ -237,6 +237,8 @@ def as_layout_1(url: str, name: str, unjoined_shard: int) -> np.ndarray:
     for _, start, stop in catalog.shard_ranges(0, len(names), shard_len):
         if start // shard_len != unjoined_shard:
             catalog.write_arrays(group, start, stop, {name: names[start:stop].astype(str)})
+    if "sample" in group:
+        del group["sample"]
     catalog.update_metadata(group, layout=1)
     return names
 
@@ -269,10 +271,11 @@ def test_migrate_turns_layout_1_qc_strings_into_flag_codes_and_resumes_after_a_s
         open_catalog(url)
     result = CliRunner().invoke(app, ["migrate", "--catalog", url])
     assert result.exit_code == 0, result.output
-    assert "layout 1 -> 2" in result.output
+    assert f"layout 1 -> {catalog.LAYOUT_VERSION}" in result.output and "sample added" in result.output
 
     ds = open_catalog(url)
     assert not [v for v in catalog.open_group(url).array_keys() if v.startswith(migration.SIDE)]
+    assert (ds["sample"].values == "").all()  # unknown for rows ingested before layout 3
     for name, expected in strings.items():
         assert ds[name].dtype == np.int8
         np.testing.assert_array_equal(grids.qc_names(ds[name].values), expected)

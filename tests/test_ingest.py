@@ -228,3 +228,50 @@ def test_inputs_are_a_set_a_file_reached_twice_is_read_once(synth_dir, client, t
     assert report.rows == (0, N_IMAGES)
     ids = catalog.open_group(url)["image_id"][:]
     assert len(set(ids)) == len(ids) == N_IMAGES
+
+
+def test_samples_from_a_parquet_column_a_pattern_or_a_name(synth_dir, clean_catalog, tmp_path, client):
+    """Planktonzilla shards carry no sample: a lab's shard may have a ``sample`` column; else the ingest is told
+    which record column holds it (cut by a pattern, rows it does not match flagged) or one name for all."""
+    from typer.testing import CliRunner
+
+    from pzscale.cli import app
+
+    assert set(open_catalog(clean_catalog[0])["sample"].values.tolist()) == {""}  # Planktonzilla's: unknown
+    name = "train-00000-of-00003.parquet"
+    table = pq.read_table(synth_dir / name)
+    paths = table.column("original_path").to_pylist()
+    paths[:3] = ["no-folder.png"] * 3  # the pattern below does not match these
+    table = table.set_column(table.column_names.index("original_path"), "original_path", [paths])
+    (tmp_path / "own").mkdir()
+    pq.write_table(table.append_column("sample", [[f"tow {i % 4}" for i in range(table.num_rows)]]),
+                   tmp_path / "own" / name)
+    (tmp_path / "plain").mkdir()
+    pq.write_table(table, tmp_path / "plain" / name)
+
+    url = str(tmp_path / "own.zarr")
+    ingest([str(tmp_path / "own")], url, shard_len=SHARD_LEN, client=client, progress=False)
+    assert open_catalog(url)["sample"].values.tolist() == [f"tow {i % 4}" for i in range(table.num_rows)]
+
+    url = str(tmp_path / "pattern.zarr")
+    ingest([str(tmp_path / "plain")], url, shard_len=SHARD_LEN, client=client, progress=False,
+           sample_column="original_path", sample_pattern=r"^/([^/]+)/")
+    ds = open_catalog(url)
+    sample, label, qc = (ds[v].values for v in ("sample", "original_label", "qc"))
+    assert sample[:3].tolist() == [""] * 3 and all("sample_unmatched" in q.split(";") for q in qc[:3])
+    assert (sample[3:] == label[3:]).all() and not any("sample_unmatched" in q for q in qc[3:])
+
+    url = str(tmp_path / "named.zarr")
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "plain"), "--catalog", url, "--sample", "net tow 5",
+                                      "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert set(open_catalog(url)["sample"].values.tolist()) == {"net tow 5"}
+
+    for kwargs, message in (({"sample": "a", "sample_column": "ObjID"}, "not both"),
+                            ({"sample_column": "station"}, "'station': not a record column"),
+                            ({"sample_column": "ObjID", "sample_pattern": "(unclosed"}, "not a regular expression"),
+                            ({"sample_pattern": "x"}, "needs a sample column")):
+        bad = str(tmp_path / "bad.zarr")
+        with pytest.raises(InputError, match=message):
+            ingest([str(tmp_path / "plain")], bad, client=client, progress=False, **kwargs)
+        assert not catalog.exists(bad)

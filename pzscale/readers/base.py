@@ -30,6 +30,7 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 # Columns a reader may fill beyond Planktonzilla's 30 (pzscale's own additions).
 EXTRA_COLUMNS = {
+    "sample": pa.string(),  # the sample an image was taken in (IFCB bin, EcoTaxa sample_id, folder above the class)
     "volume_analysed_ml": pa.float64(),  # sample volume imaged, for abundance (IFCB ml_analyzed)
     "pixel_size_um": pa.float64(),  # physical size of one pixel (EcoTaxa acq_pixel, in micrometres)
     "original_hierarchy": pa.string(),  # the source's own label path (EcoTaxa annotation hierarchy)

@@ -46,7 +46,7 @@ CHECKPOINT = 2_000  # data rows between recorded byte offsets: a late slice seek
 WANTED = {
     "img_file_name", "object_id", "object_lat", "object_lon", "object_date", "object_time",
     "object_depth_min", "object_depth_max", "object_annotation_category", "object_annotation_hierarchy",
-    "object_annotation_status", "object_aphiaid", "acq_pixel", "acq_instrument",
+    "object_annotation_status", "object_aphiaid", "acq_pixel", "acq_instrument", "sample_id", "acq_id",
 }
 # Optional columns copied as text: EcoTaxa name -> record column
 TEXT_COLUMNS = {
@@ -429,6 +429,8 @@ def table_records(table: pd.DataFrame, source: str, load: Any, shared_object_ids
             "dataset": source,
             "ObjID": object_id(cells.get("object_id", ""), name, shared_object_ids or set()),
             "instrument": instrument_family(cells.get("acq_instrument", "")),
+            # the sample (a net tow, a UVP profile); an export without sample columns has acquisitions at least
+            "sample": (cells.get("sample_id", "").strip() or cells.get("acq_id", "").strip()),
             "original_path": name,
             "original_label": cells.get("object_annotation_category", ""),
             "Latitude": parse_coordinate(cells.get("object_lat", "")),

@@ -458,9 +458,11 @@ def _rows(info: dict[str, Any], first: int, stop: int) -> list[dict[str, Any]]:
     for row, name in enumerate(info["members"][first:stop], start=first):
         label, filename = class_and_file(name) or ("", name)
         suffix = f"#{numbers[row]}" if row in numbers else ""
+        parts = _parts(name)
         rows.append({
             "image": {"bytes": b"", "path": name + suffix},
             "dataset": info["source"],
+            "sample": parts[-3] if len(parts) >= 3 else "",  # <sample>/<class>/<image>: the folder above the class
             "original_label": label,
             "original_path": f"/{label}/{filename}{suffix}",
             "ObjID": (name if name in long_ids else f"{label}/{filename}") + suffix,

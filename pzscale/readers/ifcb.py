@@ -435,6 +435,7 @@ class IFCBReader(Reader):
                 "image": {"bytes": b"", "path": f"{name}.png"},
                 "dataset": source,
                 "instrument": "IFCB",
+                "sample": lid,  # the bin: one syringe of water, its volume in ml_analyzed
                 "original_label": "",  # raw bins carry no labels
                 "original_path": f"/{lid}/{name}.png",  # read_keys makes the same id columns
                 "ObjID": name,

@@ -117,7 +117,8 @@ def scan_file(path: str, *, storage_options: dict | None = None) -> Item:
             close = difflib.get_close_matches(col, names, n=1, cutoff=0.6)
             hints.append(f"{col} (found {close[0]!r})" if close else col)
         raise InputError(f"{path}: missing Planktonzilla column(s): {', '.join(hints)}")
-    present = [c for c in PARQUET_COLUMNS if c in names]
+    # Planktonzilla's columns, and a sample column where a lab's own shards carry one (Planktonzilla's do not)
+    present = [c for c in (*PARQUET_COLUMNS, "sample") if c in names]
     repeated = sorted({c for c in present if names.count(c) > 1})
     if repeated:
         raise InputError(f"{path}: column(s) {', '.join(repeated)} appear more than once")

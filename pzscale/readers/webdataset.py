@@ -36,7 +36,8 @@ from pzscale.schema import NUMBER_FROM_PARQUET
 DEFAULT_SOURCE = "webdataset"
 PEEK_MEMBERS = 20  # tar members guess_can_open looks at
 KEY_AND_FIELD = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]+)$")  # WebDataset's split: key . field (field may hold dots)
-JSON_TEXT = ("dataset", "original_label", "timestamp")  # text as given: the ingest parses (and flags) timestamps
+# text as given: the ingest parses (and flags) timestamps
+JSON_TEXT = ("dataset", "original_label", "sample", "timestamp")
 # number fields, named as Planktonzilla's parquet columns, and the catalog name their QC flag uses (lat_unparsed)
 JSON_NUMBERS = {column: name for name, column in NUMBER_FROM_PARQUET.items() if column in NUMBER_COLUMNS}
 METADATA_FIELDS = ("txt", "json", "cls")

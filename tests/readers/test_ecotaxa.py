@@ -115,6 +115,26 @@ def test_m106_zooscan_images_labels_and_shared_image_rows(sample_data):
     assert first["dataset"] == "ecotaxa_epson"  # acq_instrument is the scanner ("epson") in these files
 
 
+def test_the_sample_is_sample_id_else_the_acquisition(sample_data, tmp_path):
+    samples = {name: {r["sample"] for r in read_all(sample_data / name)} for name in SAMPLE_TSVS}
+    assert samples[SAMPLE_TSVS[0]] == {"m106_mn01_n1_sml"}  # a ZooScan net sample
+    assert samples["irfcb/exdata/example_table_ifcb.tsv"] == {"RV_FB_D20230915T093804_IFCB134",
+                                                                "RV_FB_D20230915T113552_IFCB134"}  # IFCB bins
+    assert samples["zooprocess-lib/data/features/ecotaxa_2855_223.tsv"] == {"apero2023_tha_bioness_013_st46_d_n4"}
+    assert samples[SAMPLE_TSVS[3]] == {""}  # the VPR table has neither sample_id nor acq_id: unknown
+    # a table with acquisitions only: the acquisition is the sample
+    source = sample_data / SAMPLE_TSVS[0]
+    lines = source.read_text().split("\n")
+    header = lines[0].split("\t")
+    assert "sample_id" in header and "acq_id" in header
+    lines[0] = "\t".join("sample_other" if c == "sample_id" else c for c in header)
+    copy = tmp_path / source.parent.name / source.name
+    shutil.copytree(source.parent, copy.parent)
+    copy.write_text("\n".join(lines))
+    expected = {r["acq_id"] for r in csv_rows(source)}
+    assert expected and expected != {""} and {r["sample"] for r in read_all(copy)} == expected
+
+
 def test_uvp6_latin1_degree_coordinates(sample_data):
     tsv = sample_data / UVP6 / "b_da_19_Images" / "ecotaxa_b_da_19.tsv"
     assert b"\t43\xb00 0\t17\xb00 0\t" in tsv.read_bytes()  # Latin-1 degree sign: 43°0'0" N, 17°0'0" E

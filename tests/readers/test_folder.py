@@ -448,3 +448,15 @@ def test_read_keys_gives_the_ids_of_read_without_the_images(inputs, mixed_tree, 
     for path in [*inputs.values(), mixed_tree, twice]:
         [item] = READER.plan(str(path))
         assert READER.read_keys(item).to_pylist() == keys_only(READER.read(item, 0, item.rows)).to_pylist()
+
+
+def test_the_sample_is_the_folder_above_the_class_folder(tmp_path):
+    for where in ("cruise7/station_12/copepod/a.png", "cruise7/station_12/diatom/b.png", "station_13/copepod/c.png",
+                  "copepod/d.png"):
+        (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / where).write_bytes(_image_bytes("PNG", 90))
+    [item] = READER.plan(str(tmp_path))
+    rows = READER.read(item, 0, item.rows).to_pylist()
+    found = {r["image"]["path"]: r["sample"] for r in rows}
+    assert found == {"cruise7/station_12/copepod/a.png": "station_12", "cruise7/station_12/diatom/b.png": "station_12",
+                     "station_13/copepod/c.png": "station_13", "copepod/d.png": ""}

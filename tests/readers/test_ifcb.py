@@ -126,6 +126,12 @@ def test_volume_analysed(sample_data):
         assert value == pytest.approx(ml, rel=1e-3), bin_path
 
 
+def test_the_sample_is_the_bin(sample_data):
+    for bin_path in GOOD_BINS:
+        _, table = read_all(sample_data / f"{bin_path}.adc")
+        assert set(table.column("sample").to_pylist()) == {bin_path.rsplit("/", 1)[-1]}
+
+
 def test_header_sensors_and_missing_position(sample_data):
     _, table = read_all(sample_data / f"{V1_BIN}.adc")
     row = table.slice(0, 1).to_pylist()[0]

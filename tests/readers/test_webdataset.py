@@ -19,7 +19,7 @@ READER = WebDatasetReader()
 COPEPOD = "animalia arthropoda copepoda calanoida"
 DIATOM = "chromista ochrophyta bacillariophyceae"
 META = {"dataset": "zooscan", "original_label": "Calanoida", "Latitude": 43.68, "Longitude": "7.31",
-        "timestamp": "2013-05-01T10:00:00", "ignored": 1}
+        "timestamp": "2013-05-01T10:00:00", "sample": "tow_3", "ignored": 1}
 
 
 def _image(fmt: str, value: int) -> bytes:
@@ -97,6 +97,7 @@ def test_records(shards):
     assert rows[1]["lineage"] == DIATOM
     assert (rows[1]["dataset"], rows[1]["original_label"]) == ("zooscan", "Calanoida")
     assert (rows[1]["Latitude"], rows[1]["Longitude"], rows[1]["timestamp"]) == (43.68, 7.31, META["timestamp"])
+    assert (rows[0]["sample"], rows[1]["sample"]) == (None, "tow_3")  # a json's sample; none without one
     rows = READER.read(second, 0, second.rows).to_pylist()
     assert rows[0]["lineage"] == DIATOM and rows[1]["lineage"] is None and rows[1]["image"]["bytes"]
 
