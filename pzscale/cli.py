@@ -293,14 +293,32 @@ def evaluate(
     catalog_url: CatalogOpt,
     model: ModelOpt,
     split_name: Annotated[str, typer.Option("--split", help="train, val, test or unseen")] = "test",
+    by: Annotated[str | None, typer.Option(
+        help="score compositions per group of this variable (sample, source...) instead of images")] = None,
+    rank: Annotated[str | None, typer.Option(
+        help="with --by: kingdom ... species (default: the model's classes)")] = None,
+    method: Annotated[str, typer.Option(
+        help="with --by: comma-separated cc, pcc, acc, pacc, em")] = "cc,pcc,acc,pacc,em",
+    min_prob: Annotated[float, typer.Option(help="with --by: predictions below this are 'unknown'")] = 0.5,
     storage_options: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
-    """Accuracy and macro-F1 at every rank, kingdom to species, of a model's stored predictions."""
+    """Accuracy and macro-F1 at every rank, kingdom to species, of a model's stored predictions; with --by, each
+    quantification method's composition error per group (absolute error, Bray-Curtis) beside its macro-F1."""
     from pzscale.evaluate import evaluate as run
+    from pzscale.evaluate import evaluate_by
     from pzscale.ml.models import ModelCard
 
-    table = run(catalog_url, ModelCard.load(model).id, split=split_name,
-                storage_options=storage_options_of(storage_options))
+    card = ModelCard.load(model)
+    so = storage_options_of(storage_options)
+    if by is None:
+        table = run(catalog_url, card.id, split=split_name, storage_options=so)
+    else:
+        with start_client(scheduler, workers) as client:
+            table = evaluate_by(catalog_url, card.id, card.classes, by, split=split_name, rank=rank,
+                                methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
+                                storage_options=so, client=client)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
@@ -433,6 +451,53 @@ def abundance_cmd(
     typer.echo(f"abundance: {ds.attrs['images_counted']:,} images of {ds.sizes['taxon']} taxa at rank {rank} in "
                f"{ds.sizes['time']} time bins x {ds.sizes['lat']} x {ds.sizes['lon']} cells of {cell:g} deg"
                + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
+
+
+@app.command("quantify")
+def quantify_cmd(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    by: Annotated[str, typer.Option(help="catalog variable whose values (or bins) are the groups: sample, source, "
+                                         "instrument, time...")],
+    out: Annotated[str, typer.Option(help="CSV to write (path or URL)")],
+    rank: Annotated[str | None, typer.Option(help="kingdom ... species (default: the model's own classes)")] = None,
+    method: Annotated[str, typer.Option(help="comma-separated: cc, pcc, acc, pacc, em")] = "cc,pcc,acc,pacc,em",
+    min_prob: Annotated[float, typer.Option(help="predictions below this probability count as 'unknown'")] = 0.5,
+    bin_by: Annotated[str | None, typer.Option(
+        "--bin", help="bin --by: a pandas frequency for time (1D, 1MS), a width for numbers")] = None,
+    validation: Annotated[str | None, typer.Option(
+        help="catalog holding the model's labelled validation split (default: this one)")] = None,
+    validation_split: Annotated[str, typer.Option(help="split of the validation images")] = "val",
+    rounds: Annotated[int, typer.Option(help="bootstrap rounds of the intervals (0: none)")] = 100,
+    level: Annotated[float, typer.Option(help="interval level")] = 0.9,
+    zarr_out: Annotated[str | None, typer.Option(
+        "--zarr", help="also write the table as an xarray Dataset (group x taxon x method) to this Zarr store")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Per group and taxon: counts and proportions corrected for classifier error, with bootstrap intervals and
+    concentrations per litre where volumes are known."""
+    from pzscale.ml.models import ModelCard
+    from pzscale.quantify import quantify as run
+
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    card = ModelCard.load(model)
+    number = None
+    if bin_by is not None:
+        try:
+            number = float(bin_by)
+        except ValueError:
+            number = None
+    with start_client(scheduler, workers) as client:
+        table = run(catalog_url, card.id, card.classes, by, rank=rank,
+                    methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
+                    bin_by=bin_by if number is None else number, validation=validation,
+                    validation_split=validation_split, rounds=rounds, level=level, out_csv=out, out_zarr=zarr_out,
+                    storage_options=so, client=client)
+    typer.echo(f"quantify: {table[by].nunique():,} groups of {by} x {table['taxon'].nunique():,} taxa x "
+               f"{table['method'].nunique()} methods -> {out}" + (f" and {zarr_out}" if zarr_out else ""))
 
 
 export_app = App(help="Export the catalog for other systems.", no_args_is_help=True)

@@ -1,0 +1,139 @@
+"""The quantify stage: per group and taxon, counts and proportions corrected for classifier error, with bootstrap
+intervals and concentrations per litre where the sampled volume is known.
+
+Groups are the values of any catalog variable (``source``, ``sample``, ``instrument``...), or bins of a number or
+of ``time`` (``bin_by``). The model's behaviour comes from labelled images of its validation split (``split ==
+"val"``) in this catalog or in ``validation`` (the catalog it was trained on, for a new cruise without labels):
+the confusion rates for ``acc``, the mean posteriors per class for ``pacc``, the class priors for ``em``
+(``pzscale.ml.quantification``). Predictions below ``min_prob`` go to an ``unknown`` bin: counted as such by
+``cc``, given back to the taxa they come from by ``acc``. Posteriors are the stored top-k, renormalised.
+
+A group's volume is the sum of the volumes of its samples (each sample once), known when every image of the
+group has a sample and a volume (``volume_analysed``, mL: IFCB bins); concentrations are counts per litre.
+Output: a CSV (``by``, taxon, method, images, count, proportion, ci_low, ci_high, volume_l,
+concentration_per_l) and, when asked, the same as an xarray Dataset (group x taxon x method) in Zarr.
+"""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pandas as pd
+import xarray as xr
+from distributed import Client
+
+from pzscale import tables
+from pzscale.errors import CatalogError, InputError
+from pzscale.ml import quantification as q
+from pzscale.schema import SPLIT, TIME_FILL
+from pzscale.stage import Catalog
+
+UNKNOWN = "unknown"
+COLUMNS = ("taxon", "method", "images", "count", "proportion", "ci_low", "ci_high", "volume_l",
+           "concentration_per_l")
+
+
+def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, rank: str | None = None,
+             methods: tuple[str, ...] = q.METHODS, min_prob: float = 0.5, bin_by: str | float | None = None,
+             validation: str | Catalog | None = None, validation_split: str = "val", rounds: int = 100,
+             level: float = 0.9, seed: int = 0, out_csv: str | None = None, out_zarr: str | None = None,
+             storage_options: dict | None = None, client: Client | None = None) -> pd.DataFrame:
+    """Composition of every group of ``by`` under model ``model`` (its id; ``classes`` from its card), one row
+    per group, taxon and method (``COLUMNS``); written to ``out_csv`` and ``out_zarr`` when given."""
+    bad = [m for m in methods if m not in q.METHODS]
+    if bad or not methods:
+        raise InputError(f"methods {bad or '(none)'}: choose from {', '.join(q.METHODS)}")
+    if not 0 <= min_prob <= 1:
+        raise InputError(f"min_prob {min_prob}: must be between 0 and 1")
+    cat = Catalog.open(url, storage_options)
+    taxa, _ = q.taxa_of(classes, rank)
+    data = q.read_predictions(cat, model, classes, rank=rank, by=by, extra=("sample", "volume_analysed"),
+                              client=client)
+    if not data or not len(data["row"]):
+        raise CatalogError(f"{cat.url}: no decoded image has a prediction of model {model!r}")
+    val = _validation(validation or cat, model, classes, rank, validation_split, methods, min_prob,
+                      storage_options, client)
+    keys = q.groups_of(_as_values(by, data["group"]), bin_by)
+    frames = []
+    for key, rows in _group_rows(keys).items():
+        group = q.predictions_of(data, len(taxa), min_prob, rows)
+        point = q.composition(methods, group, len(taxa), val)
+        intervals = q.bootstrap(methods, group, len(taxa), val, rounds=rounds, level=level, seed=seed) \
+            if rounds else {m: (np.full(len(taxa) + 1, np.nan),) * 2 for m in methods}
+        volume_l = _volume_l(data["sample"][rows], data["volume_analysed"][rows])
+        for method, proportion in point.items():
+            low, high = intervals[method]
+            shown = np.flatnonzero(~np.isnan(proportion))
+            count = proportion[shown] * len(rows)
+            frames.append(pd.DataFrame({
+                by: key, "taxon": np.array([*taxa, UNKNOWN], dtype=object)[shown], "method": method,
+                "images": len(rows), "count": count, "proportion": proportion[shown], "ci_low": low[shown],
+                "ci_high": high[shown], "volume_l": volume_l, "concentration_per_l": count / volume_l}))
+    table = pd.concat(frames, ignore_index=True)[[by, *COLUMNS]]
+    if out_csv:
+        with fsspec.open(out_csv, "w", newline="", **(storage_options or {})) as fh:
+            tables.write_csv(table, fh)
+    if out_zarr:
+        to_dataset(table, by).to_zarr(out_zarr, mode="w", zarr_format=3, consolidated=False,
+                                      storage_options=storage_options)
+    return table
+
+
+def _validation(where: str | Catalog, model: str, classes: list[str], rank: str | None, split: str,
+                methods: tuple[str, ...], min_prob: float, storage_options: dict | None,
+                client: Client | None) -> q.Predictions | None:
+    """The labelled images of the model's validation split (None when no method needs them)."""
+    if not set(methods) & set(q.NEEDS_VALIDATION):
+        return None
+    cat = where if isinstance(where, Catalog) else Catalog.open(where, storage_options)
+    if SPLIT not in cat.arrays():
+        raise CatalogError(f"{cat.url}: no {SPLIT} variable, so no validation images for "
+                           f"{', '.join(m for m in methods if m in q.NEEDS_VALIDATION)}; run pzscale split, give the "
+                           "catalog the model was validated on, or use methods cc,pcc")
+    data = q.read_predictions(cat, model, classes, rank=rank, with_truth=True, client=client)
+    rows = np.flatnonzero((data[SPLIT] == split) & (data["true"] >= 0)) if data else np.zeros(0, np.int64)
+    if not len(rows):
+        raise CatalogError(f"{cat.url}: no labelled image of split {split!r} with a taxon of the model and a "
+                           f"prediction: nothing to learn the model's errors from")
+    return q.predictions_of(data, len(q.taxa_of(classes, rank)[0]), min_prob, rows)
+
+
+def _as_values(by: str, values: np.ndarray) -> np.ndarray:
+    if by == "time":  # stored as int64 milliseconds with a fill for missing
+        return np.where(values == TIME_FILL, np.datetime64("NaT"), values.astype("datetime64[ms]"))
+    return values
+
+
+def _group_rows(keys: np.ndarray) -> dict:
+    """Row indices of each group, in the order of the group keys; rows without a key (NaN, NaT) in no group."""
+    codes, uniques = pd.factorize(pd.Series(keys), sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return {uniques[i]: order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))}
+
+
+def _volume_l(samples: np.ndarray, volume_ml: np.ndarray) -> float:
+    """Litres imaged in a group: each sample's volume once; NaN unless every image has a sample and a volume."""
+    volume_ml = np.asarray(volume_ml, np.float64)
+    if not len(samples) or (samples == "").any() or not np.isfinite(volume_ml).all():
+        return float("nan")
+    per_sample = pd.Series(volume_ml).groupby(pd.Series(samples)).first()
+    return float(per_sample.sum() / 1000.0)
+
+
+def to_dataset(table: pd.DataFrame, by: str) -> xr.Dataset:
+    """The table as a Dataset (``by`` x taxon x method): proportion, count, ci_low, ci_high, concentration_per_l;
+    images and volume_l per group."""
+    indexed = table.set_index([by, "taxon", "method"])
+    ds = xr.Dataset.from_dataframe(indexed[["proportion", "count", "ci_low", "ci_high", "concentration_per_l"]])
+    per_group = table.drop_duplicates(by).set_index(by)
+    ds["images"] = xr.DataArray(per_group["images"].reindex(ds[by].values).to_numpy(), dims=[by])
+    ds["volume_l"] = xr.DataArray(per_group["volume_l"].reindex(ds[by].values).to_numpy(), dims=[by])
+    ds.attrs["description"] = "composition corrected for classifier error (pzscale quantify)"
+    if ds[by].dtype == object:
+        ds[by] = ds[by].astype(str)
+    ds["taxon"] = ds["taxon"].astype(str)
+    ds["method"] = ds["method"].astype(str)
+    return ds
+
+

@@ -1,0 +1,118 @@
+"""Quantification under prior shift: a classifier of known behaviour (three overlapping Gaussian classes, exact
+posteriors), validated on equal priors and applied to a group whose mix is shifted."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.spatial.distance import braycurtis
+
+from pzscale.ml import quantification as q
+
+MEANS = np.array([0.0, 1.5, 3.0])  # one feature, unit variance: neighbouring classes overlap (~23% confused)
+
+
+def draw(priors, n, rng, min_prob=0.0) -> q.Predictions:
+    true = rng.choice(len(priors), n, p=priors)
+    x = rng.normal(MEANS[true], 1.0)
+    likelihood = np.exp(-0.5 * (x[:, None] - MEANS[None, :]) ** 2)
+    posteriors = likelihood / likelihood.sum(1, keepdims=True)  # calibrated for equal priors
+    predicted = np.where(posteriors.max(1) >= min_prob, posteriors.argmax(1), 3)  # 3: unknown
+    return q.Predictions(predicted, posteriors, true)
+
+
+def truth_of(group: q.Predictions) -> np.ndarray:
+    return np.bincount(group.true, minlength=3) / len(group)
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    rng = np.random.default_rng(1)
+    return draw([1 / 3] * 3, 30_000, rng), draw([0.7, 0.2, 0.1], 20_000, rng)
+
+
+def test_corrected_methods_recover_a_shifted_mix_that_counting_misses(shifted):
+    validation, group = shifted
+    truth = truth_of(group)
+    found = q.composition(q.METHODS, group, 3, validation)
+    errors = {m: q.absolute_error(p[:3], truth) for m, p in found.items()}
+    for m, p in found.items():
+        assert p[:3].min() >= 0 and np.nansum(p) == pytest.approx(1), m
+    # counting pulls the mix towards the validation priors: the rare class is over-counted
+    assert errors["cc"] > 0.05 and errors["pcc"] > 0.05 and found["cc"][2] > truth[2] + 0.03
+    for method in ("acc", "pacc", "em"):  # sampling error only: ~0.01 at 20,000 images on these overlaps
+        assert errors[method] < 0.02, (method, found[method], truth)
+
+
+def test_an_unknown_bin_is_counted_by_cc_and_given_back_by_acc():
+    rng = np.random.default_rng(3)
+    validation, group = draw([1 / 3] * 3, 30_000, rng, 0.6), draw([0.7, 0.2, 0.1], 20_000, rng, 0.6)
+    found = q.composition(("cc", "acc", "pcc"), group, 3, validation)
+    assert found["cc"][3] > 0.2  # a fifth or more of the images fall below 0.6
+    assert np.isnan(found["acc"][3]) and np.isnan(found["pcc"][3])
+    assert q.absolute_error(found["acc"][:3], truth_of(group)) < 0.02
+
+
+def test_without_shift_every_method_agrees_with_the_truth():
+    rng = np.random.default_rng(2)
+    validation, group = draw([1 / 3] * 3, 30_000, rng), draw([1 / 3] * 3, 30_000, rng)
+    for method, p in q.composition(q.METHODS, group, 3, validation).items():
+        assert q.absolute_error(p[:3], truth_of(group)) < 0.01, method
+
+
+def test_sparse_posteriors_give_what_dense_ones_give(shifted):
+    validation, group = shifted
+    sparse = [q.Predictions(p.predicted, sp.csr_matrix(p.posteriors), p.true) for p in (validation, group)]
+    weights = np.random.default_rng(0).poisson(1.0, len(group)).astype(float)
+    dense = q.composition(q.METHODS, group, 3, validation, weights)
+    for method, p in q.composition(q.METHODS, sparse[1], 3, sparse[0], weights).items():
+        np.testing.assert_allclose(p, dense[method], atol=1e-9, err_msg=method)
+
+
+def test_adjusted_inverts_a_known_confusion_exactly():
+    rates = np.array([[0.8, 0.2, 0.0], [0.1, 0.7, 0.2], [0.0, 0.3, 0.7]])
+    truth = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(q.adjusted(rates.T @ truth, rates), truth, atol=1e-6)
+    # an observation no mix can give (all predicted as class 2, which class 2 reaches 70% at most): the
+    # closest mix on the simplex, all class 2, never negative proportions
+    p = q.adjusted(np.array([0.0, 0.0, 1.0]), rates)
+    assert p.min() >= 0 and p.sum() == pytest.approx(1) and p.argmax() == 2
+
+
+def test_rates_of_classes_without_validation_images_are_the_identity():
+    rates = q.confusion_rates(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
+    np.testing.assert_allclose(rates, [[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1]])
+    post = q.posterior_rates(np.array([0, 0]), np.array([[0.6, 0.4, 0], [0.8, 0.2, 0]]), 3)
+    np.testing.assert_allclose(post, [[0.7, 0.3, 0], [0, 1, 0], [0, 0, 1]])
+
+
+def test_em_returns_the_validation_priors_when_nothing_shifted():
+    posteriors = np.array([[0.9, 0.1], [0.1, 0.9]])
+    np.testing.assert_allclose(q.em_priors(posteriors, np.array([0.5, 0.5])), [0.5, 0.5], atol=1e-6)
+
+
+def test_bootstrap_intervals_hold_the_truth_and_narrow_with_more_images(shifted):
+    validation, group = shifted
+    truth = truth_of(group)
+    wide = q.bootstrap(q.METHODS, group, 3, validation, rounds=100, level=0.99)
+    for method in ("acc", "pacc", "em"):
+        low, high = wide[method]
+        assert (low[:3] <= truth).all() and (truth <= high[:3]).all(), method
+        assert (high[:3] - low[:3]).max() < 0.08  # 99%: the adjusted methods invert look-alikes, which widens it
+    assert np.isnan(wide["acc"][0][3]) and not np.isnan(wide["cc"][0][3])
+    few = q.Predictions(group.predicted[:500], group.posteriors[:500], group.true[:500])
+    narrow_low, narrow_high = wide["pacc"]
+    few_low, few_high = q.bootstrap(("pacc",), few, 3, validation, rounds=100, level=0.99)["pacc"]
+    assert ((few_high - few_low)[:3] > (narrow_high - narrow_low)[:3]).all()
+    again = q.bootstrap(q.METHODS, group, 3, validation, rounds=100, level=0.99)
+    for method in q.METHODS:  # seeded: the same intervals every run
+        np.testing.assert_array_equal(again[method][0], wide[method][0])
+
+
+def test_scores_match_scipy_and_unknown_methods_are_named(shifted):
+    a, b = np.array([10.0, 0.0, 5.0]), np.array([4.0, 6.0, 5.0])
+    assert q.bray_curtis(a, b) == pytest.approx(braycurtis(a, b))
+    assert q.absolute_error([0.5, 0.5], [0.7, 0.3]) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"unknown quantification method\(s\) \['hdy'\]"):
+        q.composition(("hdy",), shifted[1], 3)
+    with pytest.raises(ValueError, match="acc need validation images"):
+        q.composition(("cc", "acc"), shifted[1], 3)
