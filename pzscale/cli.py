@@ -472,6 +472,9 @@ def quantify_cmd(
     level: Annotated[float, typer.Option(help="interval level")] = 0.9,
     zarr_out: Annotated[str | None, typer.Option(
         "--zarr", help="also write the table as an xarray Dataset (group x taxon x method) to this Zarr store")] = None,
+    keep_suspect_volumes: Annotated[bool, typer.Option(
+        help="give concentrations for groups with a suspect sample volume (flagged by its reader, or a robust "
+             "outlier of its source and instrument) too")] = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
@@ -494,7 +497,8 @@ def quantify_cmd(
         table = run(catalog_url, card.id, card.classes, by, rank=rank,
                     methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
                     bin_by=bin_by if number is None else number, validation=validation,
-                    validation_split=validation_split, rounds=rounds, level=level, out_csv=out, out_zarr=zarr_out,
+                    validation_split=validation_split, rounds=rounds, level=level,
+                    keep_suspect_volumes=keep_suspect_volumes, out_csv=out, out_zarr=zarr_out,
                     storage_options=so, client=client)
     typer.echo(f"quantify: {table[by].nunique():,} groups of {by} x {table['taxon'].nunique():,} taxa x "
                f"{table['method'].nunique()} methods -> {out}" + (f" and {zarr_out}" if zarr_out else ""))

@@ -9,12 +9,17 @@ the confusion rates for ``acc``, the mean posteriors per class for ``pacc``, the
 ``cc``, given back to the taxa they come from by ``acc``. Posteriors are the stored top-k, renormalised.
 
 A group's volume is the sum of the volumes of its samples (each sample once), known when every image of the
-group has a sample and a volume (``volume_analysed``, mL: IFCB bins); concentrations are counts per litre.
+group has a sample and a volume (``volume_analysed``, mL: IFCB bins, ZooScan scans); concentrations are counts
+per litre. Volumes are checked per sample first (``quantification.sample_volumes``): a volume a reader flagged
+(an IFCB header run time that cannot be right) or a robust outlier of its source and instrument is ``suspect``
+and keeps its groups out of concentrations unless ``keep_suspect_volumes``; ``volume_qc`` says which.
 Output: a CSV (``by``, taxon, method, images, count, proportion, ci_low, ci_high, volume_l,
-concentration_per_l) and, when asked, the same as an xarray Dataset (group x taxon x method) in Zarr.
+concentration_per_l, volume_qc) and, when asked, the same as an xarray Dataset (group x taxon x method) in Zarr.
 """
 
 from __future__ import annotations
+
+import logging
 
 import fsspec
 import numpy as np
@@ -28,16 +33,19 @@ from pzscale.ml import quantification as q
 from pzscale.schema import SPLIT, TIME_FILL
 from pzscale.stage import Catalog
 
+log = logging.getLogger("pzscale")
 UNKNOWN = "unknown"
 COLUMNS = ("taxon", "method", "images", "count", "proportion", "ci_low", "ci_high", "volume_l",
-           "concentration_per_l")
+           "concentration_per_l", "volume_qc")
+VOLUME_COLUMNS = ("sample", "volume_analysed", "qc", "source", "instrument")
 
 
 def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, rank: str | None = None,
              methods: tuple[str, ...] = q.METHODS, min_prob: float = 0.5, bin_by: str | float | None = None,
              validation: str | Catalog | None = None, validation_split: str = "val", rounds: int = 100,
-             level: float = 0.9, seed: int = 0, out_csv: str | None = None, out_zarr: str | None = None,
-             storage_options: dict | None = None, client: Client | None = None) -> pd.DataFrame:
+             level: float = 0.9, seed: int = 0, keep_suspect_volumes: bool = False, out_csv: str | None = None,
+             out_zarr: str | None = None, storage_options: dict | None = None, client: Client | None = None
+             ) -> pd.DataFrame:
     """Composition of every group of ``by`` under model ``model`` (its id; ``classes`` from its card), one row
     per group, taxon and method (``COLUMNS``); written to ``out_csv`` and ``out_zarr`` when given."""
     bad = [m for m in methods if m not in q.METHODS]
@@ -47,12 +55,18 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
         raise InputError(f"min_prob {min_prob}: must be between 0 and 1")
     cat = Catalog.open(url, storage_options)
     taxa, _ = q.taxa_of(classes, rank)
-    data = q.read_predictions(cat, model, classes, rank=rank, by=by, extra=("sample", "volume_analysed"),
-                              client=client)
+    data = q.read_predictions(cat, model, classes, rank=rank, by=by, extra=VOLUME_COLUMNS, client=client)
     if not data or not len(data["row"]):
         raise CatalogError(f"{cat.url}: no decoded image has a prediction of model {model!r}")
     val = _validation(validation or cat, model, classes, rank, validation_split, methods, min_prob,
                       storage_options, client)
+    volumes = q.sample_volumes(*(data[c] for c in VOLUME_COLUMNS))
+    suspect = volumes.index[volumes["volume_qc"].isin(["implausible", "outlier"])]
+    if len(suspect):
+        log.warning("%d sample(s) with a suspect volume%s: %s", len(suspect),
+                    " (kept)" if keep_suspect_volumes else " (their groups get no concentration)",
+                    ", ".join(f"{s} {volumes.loc[s, 'volume_qc']}" for s in suspect[:10])
+                    + (" ..." if len(suspect) > 10 else ""))
     keys = q.groups_of(_as_values(by, data["group"]), bin_by)
     frames = []
     for key, rows in _group_rows(keys).items():
@@ -60,7 +74,7 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
         point = q.composition(methods, group, len(taxa), val)
         intervals = q.bootstrap(methods, group, len(taxa), val, rounds=rounds, level=level, seed=seed) \
             if rounds else {m: (np.full(len(taxa) + 1, np.nan),) * 2 for m in methods}
-        volume_l = _volume_l(data["sample"][rows], data["volume_analysed"][rows])
+        volume_l, volume_qc = _volume_l(data["sample"][rows], volumes, keep_suspect_volumes)
         for method, proportion in point.items():
             low, high = intervals[method]
             shown = np.flatnonzero(~np.isnan(proportion))
@@ -68,7 +82,8 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
             frames.append(pd.DataFrame({
                 by: key, "taxon": np.array([*taxa, UNKNOWN], dtype=object)[shown], "method": method,
                 "images": len(rows), "count": count, "proportion": proportion[shown], "ci_low": low[shown],
-                "ci_high": high[shown], "volume_l": volume_l, "concentration_per_l": count / volume_l}))
+                "ci_high": high[shown], "volume_l": volume_l, "concentration_per_l": count / volume_l,
+                "volume_qc": volume_qc}))
     table = pd.concat(frames, ignore_index=True)[[by, *COLUMNS]]
     if out_csv:
         with fsspec.open(out_csv, "w", newline="", **(storage_options or {})) as fh:
@@ -112,23 +127,29 @@ def _group_rows(keys: np.ndarray) -> dict:
     return {uniques[i]: order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))}
 
 
-def _volume_l(samples: np.ndarray, volume_ml: np.ndarray) -> float:
-    """Litres imaged in a group: each sample's volume once; NaN unless every image has a sample and a volume."""
-    volume_ml = np.asarray(volume_ml, np.float64)
-    if not len(samples) or (samples == "").any() or not np.isfinite(volume_ml).all():
-        return float("nan")
-    per_sample = pd.Series(volume_ml).groupby(pd.Series(samples)).first()
-    return float(per_sample.sum() / 1000.0)
+def _volume_l(samples: np.ndarray, volumes: pd.DataFrame, keep_suspect: bool) -> tuple[float, str]:
+    """Litres imaged in a group (each of its samples' volume once) and its QC: ``unknown`` (NaN litres) unless
+    every image has a sample with a volume; ``suspect`` (NaN litres unless ``keep_suspect``) when one of them is
+    implausible or an outlier; else ``ok``."""
+    if not len(samples) or (samples == "").any():
+        return float("nan"), "unknown"
+    mine = volumes.loc[pd.unique(samples)]
+    if (mine["volume_qc"] == "unknown").any():
+        return float("nan"), "unknown"
+    if (mine["volume_qc"] != "ok").any():
+        return (float(mine["volume_ml"].sum() / 1000.0) if keep_suspect else float("nan")), "suspect"
+    return float(mine["volume_ml"].sum() / 1000.0), "ok"
 
 
 def to_dataset(table: pd.DataFrame, by: str) -> xr.Dataset:
     """The table as a Dataset (``by`` x taxon x method): proportion, count, ci_low, ci_high, concentration_per_l;
-    images and volume_l per group."""
+    images, volume_l and volume_qc per group."""
     indexed = table.set_index([by, "taxon", "method"])
     ds = xr.Dataset.from_dataframe(indexed[["proportion", "count", "ci_low", "ci_high", "concentration_per_l"]])
     per_group = table.drop_duplicates(by).set_index(by)
     ds["images"] = xr.DataArray(per_group["images"].reindex(ds[by].values).to_numpy(), dims=[by])
     ds["volume_l"] = xr.DataArray(per_group["volume_l"].reindex(ds[by].values).to_numpy(), dims=[by])
+    ds["volume_qc"] = xr.DataArray(per_group["volume_qc"].reindex(ds[by].values).to_numpy().astype(str), dims=[by])
     ds.attrs["description"] = "composition corrected for classifier error (pzscale quantify)"
     if ds[by].dtype == object:
         ds[by] = ds[by].astype(str)

@@ -116,3 +116,14 @@ def test_scores_match_scipy_and_unknown_methods_are_named(shifted):
         q.composition(("hdy",), shifted[1], 3)
     with pytest.raises(ValueError, match="acc need validation images"):
         q.composition(("cc", "acc"), shifted[1], 3)
+
+
+def test_sample_volumes_flag_readers_word_and_robust_outliers_per_source():
+    samples = np.array(["a", "a", "b", "c", "d", "e", "f", "g", "", "h"])
+    volume = np.array([5.0, 5.0, 5.2, 4.9, 50.0, 5.1, 4.8, 2.6, 3.0, np.nan])
+    qc = np.array(["", "", "volume_implausible", "", "", "", "", "", "", ""])
+    source = np.array(["cruise"] * 8 + ["x", "cruise"])
+    found = q.sample_volumes(samples, volume, qc, source, np.array(["IFCB"] * 10))
+    assert "" not in found.index and found.loc["a", "volume_ml"] == 5.0
+    assert found["volume_qc"].to_dict() == {"a": "ok", "b": "implausible", "c": "ok", "d": "outlier", "e": "ok",
+                                            "f": "ok", "g": "ok", "h": "unknown"}  # g: half the median, not 10x

@@ -67,7 +67,7 @@ def predicted(client, tmp_path_factory):
     url = str(work / "catalog.zarr")
     synth(work / "parquet", images=1200, seed=11, rows_per_file=600)
     ingest([str(work / "parquet")], url, shard_len=64, client=client, progress=False)
-    synth_ifcb(work / "ifcb", images=240, seed=4, rois_per_bin=60)
+    synth_ifcb(work / "ifcb", images=240, seed=4, rois_per_bin=40)
     ingest([str(work / "ifcb")], url, format="ifcb", source="cruise_ifcb", append=True, client=client,
            progress=False)
     assign_splits(url, seed=1)
@@ -117,7 +117,8 @@ def test_concentrations_per_litre_from_the_ifcb_bins(predicted, client):
     table = quantify(url, card.id, card.classes, "sample", methods=("cc", "acc"), rounds=0, client=client)
     ds = open_catalog(url)[["sample", "volume_analysed", "status"]].to_dataframe()
     bins = ds[ds["sample"] != ""].groupby("sample")["volume_analysed"].first() / 1000
-    assert len(bins) == 4
+    assert len(bins) == 6
+    assert set(cruise_qc := table.loc[table["sample"].isin(bins.index), "volume_qc"]) == {"ok"}, cruise_qc
     cruise = table[table["sample"].isin(bins.index)]
     np.testing.assert_allclose(cruise["volume_l"], bins.loc[cruise["sample"]].to_numpy())
     np.testing.assert_allclose(cruise["concentration_per_l"], cruise["count"] / cruise["volume_l"])
@@ -175,3 +176,31 @@ def test_evaluate_by_group_scores_each_method_against_the_true_composition(predi
                                        client.scheduler.address])
     assert printed.exit_code == 0, printed.output
     assert "bray_curtis" in printed.output and "mean" in printed.output
+
+
+def test_suspect_volumes_keep_their_samples_out_of_concentrations(predicted, client, tmp_path):
+    """One bin's volume 10x too large (as pyifcb#70 found) is an outlier of its cruise; another's flagged by its
+    reader: neither gets a concentration unless asked, the other bins keep theirs."""
+    import shutil
+
+    source_url, card, _ = predicted
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(source_url, url)
+    group = catalog.open_group(url, mode="r+")
+    cols = catalog.read_rows(group, 0, catalog.n_rows_of(group), ["sample", "volume_analysed", "qc"])
+    bins = sorted(set(cols["sample"].tolist()) - {""})
+    volume, qc = cols["volume_analysed"].copy(), cols["qc"].copy()
+    volume[cols["sample"] == bins[0]] *= 10
+    qc[cols["sample"] == bins[1]] = "volume_implausible"
+    shard_len = catalog.metadata(group)["shard_len"]
+    for _, start, stop in catalog.shard_ranges(0, len(qc), shard_len):
+        catalog.write_arrays(group, start, stop, {"volume_analysed": volume[start:stop], "qc": qc[start:stop]})
+    table = quantify(url, card.id, card.classes, "sample", methods=("cc",), rounds=0, client=client)
+    per_bin = table[table["sample"].isin(bins)].drop_duplicates("sample").set_index("sample")
+    assert per_bin.loc[bins[0], "volume_qc"] == per_bin.loc[bins[1], "volume_qc"] == "suspect"
+    assert per_bin.loc[bins[:2], "volume_l"].isna().all()
+    assert (per_bin.loc[bins[2:], "volume_qc"] == "ok").all() and per_bin.loc[bins[2:], "volume_l"].notna().all()
+    kept = quantify(url, card.id, card.classes, "sample", methods=("cc",), rounds=0, keep_suspect_volumes=True,
+                    client=client).drop_duplicates("sample").set_index("sample")
+    assert kept.loc[bins[0], "volume_l"] == pytest.approx(10 * per_bin.loc[bins[2:], "volume_l"].median(), rel=0.2)
+    assert kept.loc[bins[0], "volume_qc"] == "suspect"

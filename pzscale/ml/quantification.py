@@ -344,3 +344,37 @@ def groups_of(values: np.ndarray, bin_by: str | float | None = None) -> np.ndarr
             raise InputError(f"bin width {bin_by!r}: must be positive")
         return np.floor(values / width) * width
     raise InputError(f"values of dtype {values.dtype} cannot be binned; group by them as they are")
+
+
+# ---------------------------------------------------------------- sample volumes and their QC
+
+OUTLIER_Z = 3.5  # modified z-score (Iglewicz and Hoaglin 1993) of log volume beyond which a sample is an outlier
+OUTLIER_MIN_SAMPLES = 5  # fewer samples of one source and instrument: no outlier test
+OUTLIER_MIN_RATIO = 2.0  # nor closer than this factor to the median (near-equal volumes have a tiny MAD)
+VOLUME_FLAG = "volume_implausible"  # a reader's QC flag on a sample's volume (an IFCB header that cannot be right)
+
+
+def sample_volumes(sample: np.ndarray, volume_ml: np.ndarray, qc: np.ndarray, source: np.ndarray,
+                   instrument: np.ndarray) -> pd.DataFrame:
+    """One row per sample (index: the sample): ``volume_ml``, and ``volume_qc``: ``ok``, ``implausible`` (a reader
+    flagged it), ``outlier`` (its log volume lies over ``OUTLIER_Z`` robust z-scores, and over a factor
+    ``OUTLIER_MIN_RATIO``, from the median of its source and instrument: a volume ~10x off, pyifcb#70) or
+    ``unknown`` (no volume). Images without a sample are left out: their volume cannot be counted once per
+    sample."""
+    frame = pd.DataFrame({"sample": sample, "volume_ml": np.asarray(volume_ml, np.float64),
+                          "flagged": [VOLUME_FLAG in str(q).split(";") for q in qc], "source": source,
+                          "instrument": instrument})
+    frame = frame[frame["sample"] != ""]
+    per = frame.groupby("sample", sort=True).agg(volume_ml=("volume_ml", "first"), flagged=("flagged", "any"),
+                                                 source=("source", "first"), instrument=("instrument", "first"))
+    per["volume_qc"] = np.where(~np.isfinite(per["volume_ml"]) | (per["volume_ml"] <= 0), "unknown",
+                                np.where(per["flagged"], "implausible", "ok"))
+    for _, members in per[per["volume_qc"] == "ok"].groupby(["source", "instrument"]):
+        if len(members) < OUTLIER_MIN_SAMPLES:
+            continue
+        logs = np.log(members["volume_ml"].to_numpy())
+        mad = np.median(np.abs(logs - np.median(logs)))
+        z = 0.6745 * (logs - np.median(logs)) / mad if mad > 0 else np.zeros(len(logs))
+        far = np.abs(logs - np.median(logs)) > np.log(OUTLIER_MIN_RATIO)
+        per.loc[members.index[(np.abs(z) > OUTLIER_Z) & far], "volume_qc"] = "outlier"
+    return per[["volume_ml", "volume_qc"]]

@@ -47,6 +47,7 @@ WANTED = {
     "img_file_name", "object_id", "object_lat", "object_lon", "object_date", "object_time",
     "object_depth_min", "object_depth_max", "object_annotation_category", "object_annotation_hierarchy",
     "object_annotation_status", "object_aphiaid", "acq_pixel", "acq_instrument", "sample_id", "acq_id",
+    "sample_tot_vol", "acq_sub_part",
 }
 # Optional columns copied as text: EcoTaxa name -> record column
 TEXT_COLUMNS = {
@@ -445,8 +446,21 @@ def table_records(table: pd.DataFrame, source: str, load: Any, shared_object_ids
                 row[record_column] = cells[column].strip()
         if "acq_pixel" in cells:
             row["pixel_size_um"] = parse_number(cells["acq_pixel"])  # EcoTaxa gives µm per pixel
+        row["volume_analysed_ml"] = zooscan_volume_ml(cells)
         rows.append(row)
     return rows
+
+
+def zooscan_volume_ml(cells: dict[str, str]) -> float | None:
+    """Water a ZooScan scan stands for: the volume the net filtered (``sample_tot_vol``, m³) over the sub-sampling
+    part scanned (``acq_sub_part``: 4 = a quarter), in mL; None for other instruments (their volumes are
+    instrument-specific: UVP's image volume times a frame count the export does not hold) or missing values."""
+    if instrument_family(cells.get("acq_instrument", "")) != "ZooScan":
+        return None
+    filtered, part = parse_number(cells.get("sample_tot_vol", "")), parse_number(cells.get("acq_sub_part", ""))
+    if filtered is None or part is None or filtered <= 0 or part <= 0:
+        return None
+    return filtered * 1e6 / part
 
 
 MISSING_WORDS = {"", "nan", "na", "n/a", "none", "null", "-"}  # cells that say "no value" rather than a bad one

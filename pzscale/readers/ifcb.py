@@ -42,6 +42,7 @@ MISSING_VALUE = -999.0  # v2 firmware writes -999 for values it did not measure
 
 V2_FLOW_ML_PER_MIN = 0.25  # syringe pump flow of schema-2 instruments
 V2_MAX_DISAGREEMENT = 0.02  # ADC and header volumes further apart than this: trust the header
+V2_MAX_HEADER_GAP = 1.5  # a header look time beyond this many times the last trigger's is not believed
 V1_MIN_PROC_TIME_S = 0.073  # dead time after each trigger on schema-1 instruments
 V1_FLOW_ML_PER_S = 5 / 48000 * 40  # ml per syringe step x steps per second
 SECONDS_PER_DAY = 86400.0
@@ -178,6 +179,21 @@ def ml_analyzed(adc: dict[str, np.ndarray], hdr: dict[str, str], schema: int) ->
     return volume if volume is not None and math.isfinite(volume) and volume > 0 else None
 
 
+def header_volume_implausible(adc: dict[str, np.ndarray], hdr: dict[str, str], schema: int) -> bool:
+    """Whether a v2 bin's header look time (which ``ml_analyzed`` trusts when it disagrees with the ADC) cannot
+    be right: shorter than the time of the last trigger, or over ``V2_MAX_HEADER_GAP`` times it (a header ~10x
+    off is the known failure, pyifcb#70). A header a little longer is normal: the run goes on after the last
+    trigger."""
+    if schema == 1 or not len(adc["run_time"]):
+        return False
+    from_adc = float(adc["run_time"][-1]) - float(adc["inhibit_time"][-1])
+    run, inhibit = number(hdr.get("runTime")), number(hdr.get("inhibitTime"))
+    if run is None or inhibit is None or not (math.isfinite(from_adc) and from_adc > 0):
+        return False
+    from_hdr = run - inhibit
+    return from_hdr < (1 - V2_MAX_DISAGREEMENT) * from_adc or from_hdr > V2_MAX_HEADER_GAP * from_adc
+
+
 def ml_analyzed_v2(adc: dict[str, np.ndarray], hdr: dict[str, str]) -> float | None:
     """0.25 mL/min x (run time - inhibit time); the last ADC line's times unless the header disagrees."""
     def volume(run_time: float | None, inhibit_time: float | None) -> float | None:
@@ -242,6 +258,7 @@ def bin_metadata(lid: str, hdr: dict[str, str], adc: dict[str, np.ndarray], sche
         "Temperature": header_value(hdr, "Temp", "temperature"),
         "Humidity": header_value(hdr, "Humidity"),
         "volume_analysed_ml": ml_analyzed(adc, hdr, schema),
+        "reader_qc": "volume_implausible" if header_volume_implausible(adc, hdr, schema) else "",
     }
 
 

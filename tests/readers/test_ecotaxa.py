@@ -135,6 +135,14 @@ def test_the_sample_is_sample_id_else_the_acquisition(sample_data, tmp_path):
     assert expected and expected != {""} and {r["sample"] for r in read_all(copy)} == expected
 
 
+def test_zooscan_volume_is_the_net_volume_over_the_part_scanned(sample_data):
+    rows = read_all(sample_data / "zooprocess-lib/data/features/ecotaxa_2855_223.tsv")
+    # sample_tot_vol 203.5 m3 filtered, acq_sub_part 4 (a quarter scanned, Motoda splitter)
+    assert [r["volume_analysed_ml"] for r in rows] == pytest.approx([203.5e6 / 4] * len(rows)) and rows
+    # the m106 scans name the scanner (epson), not ZooScan, and have no net volume: unknown
+    assert {r.get("volume_analysed_ml") for r in read_all(sample_data / SAMPLE_TSVS[0])} == {None}
+
+
 def test_uvp6_latin1_degree_coordinates(sample_data):
     tsv = sample_data / UVP6 / "b_da_19_Images" / "ecotaxa_b_da_19.tsv"
     assert b"\t43\xb00 0\t17\xb00 0\t" in tsv.read_bytes()  # Latin-1 degree sign: 43°0'0" N, 17°0'0" E

@@ -132,6 +132,25 @@ def test_the_sample_is_the_bin(sample_data):
         assert set(table.column("sample").to_pylist()) == {bin_path.rsplit("/", 1)[-1]}
 
 
+@pytest.mark.parametrize("factor, flagged", [(1.0, False), (1.04, False), (10.0, True), (0.5, True)])
+def test_a_header_run_time_that_cannot_be_right_is_flagged(sample_data, tmp_path, factor, flagged):
+    """The header's run time wins over the ADC's last trigger (the run goes on after it); a header shorter than
+    the last trigger, or 10x longer (pyifcb#70), is flagged volume_implausible."""
+    stem = copy_bin(sample_data, CLASSIPYR_BIN, tmp_path)
+    hdr = Path(f"{stem}.hdr").read_text(encoding="latin-1")
+    old = next(line for line in hdr.splitlines() if line.startswith("runTime:"))
+    run = float(old.split(":")[1])
+    Path(f"{stem}.hdr").write_text(hdr.replace(old, f"runTime: {run * factor:.6f}"), encoding="latin-1")
+    _, table = read_all(Path(f"{stem}.adc"))
+    assert set(table.column("reader_qc").to_pylist()) == ({"volume_implausible"} if flagged else {""})
+
+
+def test_real_bins_have_plausible_volumes(sample_data):
+    for bin_path in GOOD_BINS:  # the 2013 bin's header runs 4% past its last trigger: normal
+        _, table = read_all(sample_data / f"{bin_path}.adc")
+        assert set(table.column("reader_qc").to_pylist()) == {""}, bin_path
+
+
 def test_header_sensors_and_missing_position(sample_data):
     _, table = read_all(sample_data / f"{V1_BIN}.adc")
     row = table.slice(0, 1).to_pylist()[0]
