@@ -1,5 +1,13 @@
 """The classify stage: top-k labels and probabilities, and per-rank predictions derived from
-the lineages of the model's classes, per catalog shard; several models side by side."""
+the lineages of the model's classes, per catalog shard; several models side by side.
+
+Then the back-off (a pass of its own over the per-rank predictions, with its own markers, so a catalog classified
+before it existed, or with another threshold, gets it without running the model again): each image's label at the
+deepest rank whose summed probability reaches ``backoff_min_prob`` (an uncertain species falls back to a
+confident genus or family), and the rank its lineage ends at, as ``pred__<model>__backoff_label`` and
+``__backoff_rank``; '' where not even the kingdom reaches it. A one-word label that is no taxon (detritus) reads
+as kingdom depth.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,16 @@ from pzscale.errors import ModelError
 from pzscale.ml.inference import forward, rank_groups, run_model_shard, run_model_stage
 from pzscale.ml.models import LoadedModel, ModelCard
 from pzscale.schema import RANKS, prediction_name
-from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport
+from pzscale.stage import Catalog, ShardResult, ShardTask, StageReport, pending, run_stage
+
+BACKOFF_MIN_PROB = 0.5
 
 
 def names(card: ModelCard) -> dict[str, str]:
     """Catalog variables the classify stage writes for a model."""
     keys = ["label", "prob", "topk_label", "topk_prob", *RANKS, *(f"{rank}_prob" for rank in RANKS)]
-    return {**{key: prediction_name(card.id, key) for key in keys}, "k": f"{card.id}__k",
-            "stage": f"classify/{card.id}"}
+    return {**{key: prediction_name(card.id, key) for key in (*keys, "backoff_label", "backoff_rank")},
+            "k": f"{card.id}__k", "stage": f"classify/{card.id}", "backoff_stage": f"classify-backoff/{card.id}"}
 
 
 def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> dict[str, np.ndarray]:
@@ -99,6 +109,46 @@ def _compute(model: LoadedModel, ok: np.ndarray, pixels: Sequence[np.ndarray],
     return new
 
 
+def backoff(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], min_prob: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the label of the deepest rank whose probability reaches ``min_prob`` and the rank its lineage
+    ends at (its word count: an order-level class predicted at species rank is an order); '' and '' where none.
+    Probabilities summed over descendants never grow with depth, so the deepest rank reaching it is the last."""
+    n = len(labels[RANKS[0]])
+    label = np.full(n, "", dtype=object)
+    for rank in RANKS:
+        reached = (probs[rank] >= min_prob) & (labels[rank] != "")
+        label[reached] = labels[rank][reached]
+    depth = np.fromiter((len(text.split()) for text in label), np.int64, n)
+    rank = np.array(("", *RANKS), dtype=object)[np.minimum(depth, len(RANKS))]
+    return label, rank
+
+
+def _backoff_shard(task: ShardTask) -> ShardResult:
+    n, min_prob = task.params["names"], task.params["min_prob"]
+    cols = task.catalog.read(task.start, task.stop, [n[r] for r in RANKS] + [n[f"{r}_prob"] for r in RANKS])
+    label, rank = backoff({r: cols[n[r]] for r in RANKS}, {r: cols[n[f"{r}_prob"]] for r in RANKS}, min_prob)
+    task.catalog.write(task.start, task.stop, {n["backoff_label"]: label, n["backoff_rank"]: rank})
+    return ShardResult(task.stop - task.start, {task.stage: {"min_prob": min_prob}}, replace=True)
+
+
+def store_backoff(cat: Catalog, card: ModelCard, min_prob: float, *, client: Client | None = None,
+                  progress: bool = True) -> StageReport:
+    """The back-off labels of every classified row not yet derived at ``min_prob`` (see the module doc)."""
+    if not 0 < min_prob <= 1:
+        raise ModelError(f"back-off probability {min_prob}: must be in (0, 1]")
+    n = names(card)
+    for key in ("backoff_label", "backoff_rank"):
+        cat.ensure_array(n[key], dtype="str", fill="", attrs={"model": card.id})
+    classified = cat.markers(n["stage"])
+    ranges = [(shard, start, min(stop, classified[shard]["rows"][1])) for shard, start, stop in cat.shards()
+              if shard in classified]
+    tasks, skipped = pending(cat, n["backoff_stage"], params={"names": n, "min_prob": min_prob}, ranges=ranges,
+                             valid=lambda info: info.get("min_prob") == min_prob)
+    return run_stage(n["backoff_stage"], _backoff_shard, tasks, catalog=cat, client=client, skipped=skipped,
+                     progress_bar=progress)
+
+
 def classify_shard(task: ShardTask) -> ShardResult:
     """Classify rows [row_from, stop) of one shard and write the whole shard, then its marker."""
     return run_model_shard(task, _compute)
@@ -114,10 +164,11 @@ def classify(
     tta: bool = False,
     precision: str = "fp32",
     device: str | None = None,
+    backoff_min_prob: float = BACKOFF_MIN_PROB,
     storage_options: dict | None = None,
     progress: bool = True,
 ) -> StageReport:
-    """Classify every image this model version has not classified yet.
+    """Classify every image this model version has not classified yet, then store the back-off labels.
 
     Resumable, and incremental after an append: only rows without a prediction from this
     model version are computed (``reclassify`` in the CLI). Writes ``pred__<model id>__*``.
@@ -140,5 +191,7 @@ def classify(
                                      "top_k": k, "tta": tta, "precision": precision,
                                      "training_data_sha256": card.training_data_sha256})
     params = {"batch_size": batch_size, "tta": tta, "top_k": k, "precision": precision}
-    return run_model_stage(cat, model_dir, classify_shard, stage=n["stage"], params=params, client=client,
-                           device=device, progress=progress)
+    report = run_model_stage(cat, model_dir, classify_shard, stage=n["stage"], params=params, client=client,
+                             device=device, progress=progress)
+    store_backoff(cat, card, backoff_min_prob, client=client, progress=False)
+    return report

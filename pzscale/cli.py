@@ -267,18 +267,20 @@ def classify(
     top_k: Annotated[int, typer.Option()] = 5,
     tta: Annotated[bool, typer.Option(help="average over the 8 rotations/flips")] = False,
     precision: PrecisionOpt = "fp32",
+    backoff_min_prob: Annotated[float, typer.Option(
+        help="back-off label: the deepest rank whose summed probability reaches this")] = 0.5,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Store top-k and per-rank predictions of a model in the catalog (resumable)."""
+    """Store top-k and per-rank predictions of a model in the catalog, and the back-off label (resumable)."""
     from pzscale.classify import classify as run
 
     so = storage_options_of(storage_options)
     check_inputs(catalog_url, so, model=model)
     with start_client(scheduler, workers) as client:
         report = run(catalog_url, model, client=client, batch_size=batch_size, top_k=top_k, tta=tta,
-                     precision=precision, storage_options=so)
+                     precision=precision, backoff_min_prob=backoff_min_prob, storage_options=so)
     typer.echo(str(report))
 
 

@@ -21,6 +21,7 @@ from pzscale.evaluate import evaluate, scores
 from pzscale.ingest import ingest
 from pzscale.ml.inference import DecodedAhead, decode_rows, in_batches, rank_groups
 from pzscale.ml.models import ModelCard, load_model
+from pzscale.schema import RANKS
 from pzscale.split import assign_splits
 from pzscale.synth import synth
 from pzscale.train import train
@@ -75,6 +76,15 @@ def test_builtin_model_reaches_macro_f1_09_at_the_deepest_rank(trained, client, 
     # the kingdom prediction is the first word of a lineage the model knows
     kingdoms = {c.split()[0] for c in card.classes}
     assert set(ds[n["kingdom"]].values[ok]) <= kingdoms
+    # back-off: the deepest rank reaching 0.5, its rank where its lineage ends; the next rank below 0.5
+    label, rank = ds[n["backoff_label"]].values[ok], ds[n["backoff_rank"]].values[ok]
+    rank_probs = np.stack([ds[n[f"{r}_prob"]].values[ok] for r in RANKS], axis=1)
+    rank_labels = np.stack([ds[n[r]].values[ok] for r in RANKS], axis=1)
+    deepest = (rank_probs >= 0.5).sum(axis=1) - 1
+    reached = deepest >= 0
+    assert reached.mean() > 0.9 and (label[~reached] == "").all()
+    assert (label[reached] == rank_labels[reached, deepest[reached]]).all()
+    assert all(RANKS.index(r) == len(lab.split()) - 1 for lab, r in zip(label[reached], rank[reached], strict=True))
 
 
 def test_embeddings_identical_with_one_and_two_workers(trained, tmp_path):
@@ -370,3 +380,30 @@ def test_unknown_precision_fails_before_any_write(trained, client, tmp_path):
     with pytest.raises(StageError, match="precision must be one of"):
         embed(copy, model_dir, client=client, precision="int3", progress=False)
     assert not catalog.done_shards(copy, f"embed/{card.id}")
+
+
+def test_backoff_is_the_deepest_confident_rank_and_rederived_at_another_threshold(trained, client, tmp_path):
+    from pzscale.classify import backoff, store_backoff
+    from pzscale.stage import Catalog
+
+    labels = {r: np.array([" ".join(["animalia", "arthropoda", "copepoda", "calanoida"][: i + 1])] * 2, dtype=object)
+              for i, r in enumerate(RANKS)}  # an order-level class: its label stops growing after order
+    probs = {r: np.array([0.9 - 0.1 * i, 0.3], np.float32) for i, r in enumerate(RANKS)}
+    label, rank = backoff(labels, probs, 0.5)
+    assert label.tolist() == ["animalia arthropoda copepoda calanoida", ""] and rank.tolist() == ["order", ""]
+    # probabilities 0.9 .. 0.3 by rank: at 0.65 the deepest reaching it is class (0.7)
+    assert backoff(labels, probs, 0.65)[0].tolist() == ["animalia arthropoda copepoda", ""]
+
+    pristine, model_dir, card, _ = trained
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(pristine, url)
+    classify(url, model_dir, client=client, progress=False)
+    n = names(card)
+    before = open_catalog(url)[n["backoff_label"]].values
+    again = store_backoff(Catalog.open(url), card, 0.5, client=client, progress=False)
+    assert again.shards_written == 0  # done at this threshold
+    stricter = store_backoff(Catalog.open(url), card, 0.99, client=client, progress=False)
+    assert stricter.shards_written == stricter.shards_total > 0
+    after = open_catalog(url)[n["backoff_label"]].values
+    depth = np.array([len(t.split()) for t in after]) <= np.array([len(t.split()) for t in before])
+    assert depth.all() and (after != before).any()  # never deeper at a stricter threshold; some shallower
