@@ -489,12 +489,7 @@ def quantify_cmd(
     so = storage_options_of(storage_options)
     check_inputs(catalog_url, so)
     card = ModelCard.load(model)
-    number = None
-    if bin_by is not None:
-        try:
-            number = float(bin_by)
-        except ValueError:
-            number = None
+    number = _number_or_none(bin_by)
     with start_client(scheduler, workers) as client:
         table = run(catalog_url, card.id, card.classes, by, rank=rank,
                     methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
@@ -504,6 +499,42 @@ def quantify_cmd(
                     storage_options=so, client=client)
     typer.echo(f"quantify: {table[by].nunique():,} groups of {by} x {table['taxon'].nunique():,} taxa x "
                f"{table['method'].nunique()} methods -> {out}" + (f" and {zarr_out}" if zarr_out else ""))
+
+
+@app.command("drift")
+def drift_cmd(
+    catalog_url: CatalogOpt,
+    model: ModelOpt,
+    by: Annotated[str, typer.Option(help="catalog variable whose values (or bins) are the groups")],
+    out: Annotated[str | None, typer.Option(help="CSV to write (path or URL)")] = None,
+    embedding: Annotated[str | None, typer.Option(help="emb__<model> array (default: the model's own)")] = None,
+    min_prob: Annotated[float, typer.Option(help="predictions below this count as low confidence")] = 0.5,
+    bin_by: Annotated[str | None, typer.Option(
+        "--bin", help="bin --by: a pandas frequency for time (1D, 1MS), a width for numbers")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Groups ranked by how far they drift from the training data: low-confidence share and embedding distance
+    to the training images, each beyond what the validation split shows."""
+    from pzscale.ml.models import ModelCard
+    from pzscale.quantify import drift
+
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    card = ModelCard.load(model)
+    width = _number_or_none(bin_by)
+    with start_client(scheduler, workers) as client:
+        table = drift(catalog_url, card.id, by, embedding=embedding, min_prob=min_prob,
+                      bin_by=bin_by if width is None else width, out_csv=out, storage_options=so, client=client)
+    typer.echo(table.head(20).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _number_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 export_app = App(help="Export the catalog for other systems.", no_args_is_help=True)

@@ -15,6 +15,11 @@ per litre. Volumes are checked per sample first (``quantification.sample_volumes
 and keeps its groups out of concentrations unless ``keep_suspect_volumes``; ``volume_qc`` says which.
 Output: a CSV (``by``, taxon, method, images, count, proportion, ci_low, ci_high, volume_l,
 concentration_per_l, volume_qc) and, when asked, the same as an xarray Dataset (group x taxon x method) in Zarr.
+
+``drift`` says which groups a person should look at first: per group, the share of predictions below
+``min_prob`` and how far its images' embeddings lie from the training images' (cosine distance to the k-th
+nearest of a sample of the training split, against the same distance of the validation images: the share beyond
+their 95th percentile), ranked by how much both exceed what the validation split shows.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from distributed import Client
 from pzscale import tables
 from pzscale.errors import CatalogError, InputError
 from pzscale.ml import quantification as q
-from pzscale.schema import SPLIT, TIME_FILL
-from pzscale.stage import Catalog
+from pzscale.schema import SPLIT, STATUS_OK, TIME_FILL, embedding_name, prediction_name
+from pzscale.stage import Catalog, map_shards
 
 log = logging.getLogger("pzscale")
 UNKNOWN = "unknown"
@@ -158,3 +163,94 @@ def to_dataset(table: pd.DataFrame, by: str) -> xr.Dataset:
     return ds
 
 
+
+
+# ---------------------------------------------------------------- drift: which groups to look at first
+
+DRIFT_REFERENCE = 20_000  # training images whose embeddings the distances are measured to
+DRIFT_NEIGHBOUR = 10  # the k of the k-th nearest neighbour distance
+DRIFT_PERCENTILE = 95.0  # of the validation images' distances: beyond it, an image counts as out of distribution
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def knn_distance(x: np.ndarray, reference: np.ndarray, k: int, *, block: int = 4096) -> np.ndarray:
+    """Cosine distance of each row of ``x`` to its k-th nearest row of ``reference`` (both unit vectors)."""
+    out = np.empty(len(x), np.float32)
+    k = min(k, len(reference))
+    for lo in range(0, len(x), block):
+        similarity = x[lo:lo + block] @ reference.T
+        out[lo:lo + block] = 1 - np.partition(similarity, -k, axis=1)[:, -k]
+    return out
+
+
+def _shard_drift(cat: Catalog, start: int, stop: int, embedding: str, prob: str, by: str,
+                 reference: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    cols = cat.read(start, stop, sorted({embedding, prob, by, "status", SPLIT}))
+    vectors = cols[embedding].astype(np.float32)
+    keep = (cols["status"] == STATUS_OK) & np.isfinite(vectors).all(axis=1)
+    return {"group": cols[by][keep], "prob": cols[prob][keep],
+            "split": cols[SPLIT][keep],
+            "distance": knn_distance(_unit(vectors[keep]), reference, k)}
+
+
+def _shard_training_sample(cat: Catalog, start: int, stop: int, embedding: str, per_shard: int,
+                           seed: int) -> np.ndarray:
+    cols = cat.read(start, stop, [embedding, SPLIT, "status"])
+    rows = np.flatnonzero((cols[SPLIT] == "train") & (cols["status"] == STATUS_OK)
+                          & np.isfinite(cols[embedding].astype(np.float32)).all(axis=1))
+    rng = np.random.default_rng([seed, start])
+    return cols[embedding][rng.permutation(rows)[:per_shard]].astype(np.float32)
+
+
+def _training_sample(cat: Catalog, embedding: str, size: int, seed: int, client: Client | None) -> np.ndarray:
+    """Up to ``size`` unit embeddings of training-split images, drawn evenly over the shards."""
+    per_shard = max(1, -(-size // max(1, len(cat.shards()))))
+    parts = [p for p in map_shards(_shard_training_sample, cat, embedding, per_shard, seed, client=client) if len(p)]
+    if not parts:
+        raise CatalogError(f"{cat.url}: no training-split image has an embedding in {embedding}; run pzscale split "
+                           "and pzscale embed with the model first")
+    return _unit(np.concatenate(parts)[:size])
+
+
+def drift(url: str | Catalog, model: str, by: str, *, embedding: str | None = None, min_prob: float = 0.5,
+          bin_by: str | float | None = None, reference_size: int = DRIFT_REFERENCE, k: int = DRIFT_NEIGHBOUR,
+          seed: int = 0, out_csv: str | None = None, storage_options: dict | None = None,
+          client: Client | None = None) -> pd.DataFrame:
+    """Per group of ``by``: images, low_confidence_share (prediction of ``model`` below ``min_prob``),
+    knn_distance_median and out_of_distribution_share (see the module doc), and drift_score = the excess of
+    both shares over the validation split's, groups ranked by it (highest first)."""
+    cat = Catalog.open(url, storage_options)
+    embedding = embedding_name(embedding or model)
+    prob = prediction_name(model, "prob")
+    for name, hint in ((embedding, "pzscale embed"), (prob, "pzscale classify"), (SPLIT, "pzscale split")):
+        if name not in cat.arrays():
+            raise CatalogError(f"{cat.url}: no {name}; run {hint} first")
+    if by not in cat.arrays():
+        raise InputError(f"{cat.url}: no variable {by!r} to group by")
+    reference = _training_sample(cat, embedding, reference_size, seed, client)
+    parts = map_shards(_shard_drift, cat, embedding, prob, by, reference, k, client=client)
+    data = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    validation = data["split"] == "val"
+    if not validation.any():
+        raise CatalogError(f"{cat.url}: no validation-split image with an embedding: nothing to calibrate the "
+                           "distances on")
+    cutoff = float(np.percentile(data["distance"][validation], DRIFT_PERCENTILE))
+    low = data["prob"] < min_prob  # NaN (not classified) is not low confidence
+    base_low, base_far = float(low[validation].mean()), 1 - DRIFT_PERCENTILE / 100
+    rows = []
+    for key, members in _group_rows(q.groups_of(_as_values(by, data["group"]), bin_by)).items():
+        far, unsure = float((data["distance"][members] > cutoff).mean()), float(low[members].mean())
+        rows.append({by: key, "images": len(members), "low_confidence_share": unsure,
+                     "knn_distance_median": float(np.median(data["distance"][members])),
+                     "out_of_distribution_share": far,
+                     "drift_score": max(0.0, far - base_far) + max(0.0, unsure - base_low)})
+    table = pd.DataFrame(rows).sort_values("drift_score", ascending=False, kind="stable", ignore_index=True)
+    table.attrs.update(distance_cutoff=cutoff, validation_low_confidence_share=base_low)
+    if out_csv:
+        with fsspec.open(out_csv, "w", newline="", **(storage_options or {})) as fh:
+            tables.write_csv(table, fh)
+    return table

@@ -204,3 +204,46 @@ def test_suspect_volumes_keep_their_samples_out_of_concentrations(predicted, cli
                     client=client).drop_duplicates("sample").set_index("sample")
     assert kept.loc[bins[0], "volume_l"] == pytest.approx(10 * per_bin.loc[bins[2:], "volume_l"].median(), rel=0.2)
     assert kept.loc[bins[0], "volume_qc"] == "suspect"
+
+
+def test_drift_ranks_first_the_group_whose_images_lie_far_from_the_training_images(predicted, client, tmp_path):
+    """Embeddings: each taxon a cluster, the IFCB cruise's images moved off every cluster: it comes first, with
+    most of its images beyond the validation images' 95th percentile; the CLI writes the same ranking."""
+    import shutil
+
+    from pzscale.quantify import drift
+
+    source_url, card, model_dir = predicted
+    url = str(tmp_path / "cat.zarr")
+    shutil.copytree(source_url, url)
+    group = catalog.open_group(url, mode="r+")
+    rows = catalog.n_rows_of(group)
+    cols = catalog.read_rows(group, 0, rows, ["source", "lineage", "proposed_label", "original_label", "status"])
+    truth = targets(cols)
+    taxa = sorted(set(truth.tolist()) - {""})
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=(len(taxa) + 1, 16))
+    code = np.array([taxa.index(t) if t else rng.integers(len(taxa)) for t in truth])
+    vectors = centre[code] + 0.3 * rng.normal(size=(rows, 16))
+    cruise = cols["source"] == "cruise_ifcb"
+    vectors[cruise] = centre[-1] + 0.3 * rng.normal(size=(int(cruise.sum()), 16))  # a kind never trained on
+    name = f"emb__{card.id}"
+    catalog.ensure_array(group, name, dtype="float16", fill=np.nan, trailing=(16,), dims=(f"{card.id}__dim",))
+    shard_len = catalog.metadata(group)["shard_len"]
+    for _, start, stop in catalog.shard_ranges(0, rows, shard_len):
+        catalog.write_arrays(group, start, stop, {name: vectors[start:stop].astype(np.float16)})
+
+    table = drift(url, card.id, "source", client=client)
+    assert list(table.columns) == ["source", "images", "low_confidence_share", "knn_distance_median",
+                                   "out_of_distribution_share", "drift_score"]
+    assert table["source"].iloc[0] == "cruise_ifcb" and table["out_of_distribution_share"].iloc[0] > 0.9
+    others = table[table["source"] != "cruise_ifcb"]
+    assert (others["out_of_distribution_share"] < 0.15).all()
+    assert table["drift_score"].is_monotonic_decreasing
+    out = tmp_path / "drift.csv"
+    result = CliRunner().invoke(app, ["drift", "--catalog", url, "--model", str(model_dir), "--by", "source",
+                                      "--out", str(out), "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out)["source"].tolist() == table["source"].tolist()
+    with pytest.raises(CatalogError, match="no emb__nothing"):
+        drift(url, card.id, "source", embedding="nothing", client=client)
