@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from pzscale import cli_composition as composition
 from pzscale import info, tables
 from pzscale.commandline import (
     App,
@@ -455,86 +456,8 @@ def abundance_cmd(
                + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
 
 
-@app.command("quantify")
-def quantify_cmd(
-    catalog_url: CatalogOpt,
-    model: ModelOpt,
-    by: Annotated[str, typer.Option(help="catalog variable whose values (or bins) are the groups: sample, source, "
-                                         "instrument, time...")],
-    out: Annotated[str, typer.Option(help="CSV to write (path or URL)")],
-    rank: Annotated[str | None, typer.Option(help="kingdom ... species (default: the model's own classes)")] = None,
-    method: Annotated[str, typer.Option(help="comma-separated: cc, pcc, acc, pacc, em")] = "cc,pcc,acc,pacc,em",
-    min_prob: Annotated[float, typer.Option(help="predictions below this probability count as 'unknown'")] = 0.5,
-    bin_by: Annotated[str | None, typer.Option(
-        "--bin", help="bin --by: a pandas frequency for time (1D, 1MS), a width for numbers")] = None,
-    validation: Annotated[str | None, typer.Option(
-        help="catalog holding the model's labelled validation split (default: this one)")] = None,
-    validation_split: Annotated[str, typer.Option(help="split of the validation images")] = "val",
-    rounds: Annotated[int, typer.Option(help="bootstrap rounds of the intervals (0: none)")] = 100,
-    level: Annotated[float, typer.Option(help="interval level")] = 0.9,
-    zarr_out: Annotated[str | None, typer.Option(
-        "--zarr", help="also write the table as an xarray Dataset (group x taxon x method) to this Zarr store")] = None,
-    keep_suspect_volumes: Annotated[bool, typer.Option(
-        help="give concentrations for groups with a suspect sample volume (flagged by its reader, or a robust "
-             "outlier of its source and instrument) too")] = False,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Per group and taxon: counts and proportions corrected for classifier error, with bootstrap intervals and
-    concentrations per litre where volumes are known."""
-    from pzscale.ml.models import ModelCard
-    from pzscale.quantify import quantify as run
-
-    so = storage_options_of(storage_options)
-    check_inputs(catalog_url, so)
-    card = ModelCard.load(model)
-    number = _number_or_none(bin_by)
-    with start_client(scheduler, workers) as client:
-        table = run(catalog_url, card.id, card.classes, by, rank=rank,
-                    methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
-                    bin_by=bin_by if number is None else number, validation=validation,
-                    validation_split=validation_split, rounds=rounds, level=level,
-                    keep_suspect_volumes=keep_suspect_volumes, out_csv=out, out_zarr=zarr_out,
-                    storage_options=so, client=client)
-    typer.echo(f"quantify: {table[by].nunique():,} groups of {by} x {table['taxon'].nunique():,} taxa x "
-               f"{table['method'].nunique()} methods -> {out}" + (f" and {zarr_out}" if zarr_out else ""))
-
-
-@app.command("drift")
-def drift_cmd(
-    catalog_url: CatalogOpt,
-    model: ModelOpt,
-    by: Annotated[str, typer.Option(help="catalog variable whose values (or bins) are the groups")],
-    out: Annotated[str | None, typer.Option(help="CSV to write (path or URL)")] = None,
-    embedding: Annotated[str | None, typer.Option(help="emb__<model> array (default: the model's own)")] = None,
-    min_prob: Annotated[float, typer.Option(help="predictions below this count as low confidence")] = 0.5,
-    bin_by: Annotated[str | None, typer.Option(
-        "--bin", help="bin --by: a pandas frequency for time (1D, 1MS), a width for numbers")] = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Groups ranked by how far they drift from the training data: low-confidence share and embedding distance
-    to the training images, each beyond what the validation split shows."""
-    from pzscale.ml.models import ModelCard
-    from pzscale.quantify import drift
-
-    so = storage_options_of(storage_options)
-    check_inputs(catalog_url, so)
-    card = ModelCard.load(model)
-    width = _number_or_none(bin_by)
-    with start_client(scheduler, workers) as client:
-        table = drift(catalog_url, card.id, by, embedding=embedding, min_prob=min_prob,
-                      bin_by=bin_by if width is None else width, out_csv=out, storage_options=so, client=client)
-    typer.echo(table.head(20).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-
-
-def _number_or_none(text: str | None) -> float | None:
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
+app.command("quantify")(composition.quantify)
+app.command("drift")(composition.drift)
 
 
 export_app = App(help="Export the catalog for other systems.", no_args_is_help=True)
