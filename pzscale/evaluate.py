@@ -71,12 +71,10 @@ def evaluate_by(url: str | Catalog, model_id: str, classes: list[str], by: str, 
     scored = (data[SPLIT] == split) & (data["true"] >= 0)
     if not scored.any():
         raise CatalogError(f"{cat.url}: no labelled, classified rows of a taxon of the model in split {split!r}")
-    keys = q.groups_of(data["group"], bin_by)
+    scored_rows = np.flatnonzero(scored)
     rows = []
-    for key in pd.unique(keys[scored]):
-        members = np.flatnonzero(scored & (keys == key))
-        if not len(members):  # a key that equals nothing (NaN, NaT)
-            continue
+    for key, members in q.group_rows(q.group_keys(by, data["group"][scored_rows], bin_by)).items():
+        members = scored_rows[members]
         group = q.predictions_of(data, len(taxa), min_prob, members)
         # compositions over the taxa and the unknown bin (none truly unknown: cc's unknown share is its error)
         truth = np.r_[np.bincount(group.true, minlength=len(taxa)) / len(members), 0.0]

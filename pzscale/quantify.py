@@ -35,7 +35,7 @@ from distributed import Client
 from pzscale import tables
 from pzscale.errors import CatalogError, InputError
 from pzscale.ml import quantification as q
-from pzscale.schema import SPLIT, STATUS_OK, TIME_FILL, embedding_name, prediction_name
+from pzscale.schema import SPLIT, STATUS_OK, embedding_name, prediction_name
 from pzscale.stage import Catalog, map_shards
 
 log = logging.getLogger("pzscale")
@@ -72,12 +72,12 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
                     " (kept)" if keep_suspect_volumes else " (their groups get no concentration)",
                     ", ".join(f"{s} {volumes.loc[s, 'volume_qc']}" for s in suspect[:10])
                     + (" ..." if len(suspect) > 10 else ""))
-    keys = q.groups_of(_as_values(by, data["group"]), bin_by)
+    keys = q.group_keys(by, data["group"], bin_by)
     frames = []
-    for key, rows in _group_rows(keys).items():
+    for key, rows in q.group_rows(keys).items():
         group = q.predictions_of(data, len(taxa), min_prob, rows)
         point = q.composition(methods, group, len(taxa), val)
-        intervals = q.bootstrap(methods, group, len(taxa), val, rounds=rounds, level=level, seed=seed) \
+        intervals = q.bootstrap(methods, group, len(taxa), val, rounds=rounds, level=level, seed=seed, point=point) \
             if rounds else {m: (np.full(len(taxa) + 1, np.nan),) * 2 for m in methods}
         volume_l, volume_qc = _volume_l(data["sample"][rows], volumes, keep_suspect_volumes)
         for method, proportion in point.items():
@@ -116,20 +116,6 @@ def _validation(where: str | Catalog, model: str, classes: list[str], rank: str 
         raise CatalogError(f"{cat.url}: no labelled image of split {split!r} with a taxon of the model and a "
                            f"prediction: nothing to learn the model's errors from")
     return q.predictions_of(data, len(q.taxa_of(classes, rank)[0]), min_prob, rows)
-
-
-def _as_values(by: str, values: np.ndarray) -> np.ndarray:
-    if by == "time":  # stored as int64 milliseconds with a fill for missing
-        return np.where(values == TIME_FILL, np.datetime64("NaT"), values.astype("datetime64[ms]"))
-    return values
-
-
-def _group_rows(keys: np.ndarray) -> dict:
-    """Row indices of each group, in the order of the group keys; rows without a key (NaN, NaT) in no group."""
-    codes, uniques = pd.factorize(pd.Series(keys), sort=True)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
-    return {uniques[i]: order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))}
 
 
 def _volume_l(samples: np.ndarray, volumes: pd.DataFrame, keep_suspect: bool) -> tuple[float, str]:
@@ -242,7 +228,7 @@ def drift(url: str | Catalog, model: str, by: str, *, embedding: str | None = No
     low = data["prob"] < min_prob  # NaN (not classified) is not low confidence
     base_low, base_far = float(low[validation].mean()), 1 - DRIFT_PERCENTILE / 100
     rows = []
-    for key, members in _group_rows(q.groups_of(_as_values(by, data["group"]), bin_by)).items():
+    for key, members in q.group_rows(q.group_keys(by, data["group"], bin_by)).items():
         far, unsure = float((data["distance"][members] > cutoff).mean()), float(low[members].mean())
         rows.append({by: key, "images": len(members), "low_confidence_share": unsure,
                      "knn_distance_median": float(np.median(data["distance"][members])),

@@ -24,7 +24,7 @@ from distributed import Client, LocalCluster
 
 from pzscale import catalog
 from pzscale.ingest import ingest
-from pzscale.synth import synth
+from pzscale.synth import synth, synth_ifcb
 
 SHARD_LEN = 64
 N_IMAGES = 1200
@@ -113,3 +113,16 @@ def independent_macro_f1(truth, predicted, depth):
         fn = np.sum((t == label) & (p != label))
         per_class.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(per_class))
+
+
+def parquet_and_ifcb_catalog(work: Path, client, *, images: int, seed: int, ifcb_images: int, rois_per_bin: int
+                             ) -> str:
+    """A catalog of synthetic Planktonzilla rows (shards of 64) with a synthetic IFCB cruise appended as source
+    ``cruise_ifcb`` (volumes and bins known); its URL."""
+    url = str(work / "catalog.zarr")
+    synth(work / "parquet", images=images, seed=seed, rows_per_file=images)
+    ingest([str(work / "parquet")], url, shard_len=64, client=client, progress=False)
+    synth_ifcb(work / "ifcb", images=ifcb_images, seed=4, rois_per_bin=rois_per_bin)
+    ingest([str(work / "ifcb")], url, format="ifcb", source="cruise_ifcb", append=True, client=client,
+           progress=False)
+    return url

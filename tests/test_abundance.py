@@ -16,10 +16,9 @@ from pzscale.classify import names as prediction_names
 from pzscale.cli import app
 from pzscale.dwc import COLUMNS, WORMS_LSID, export_dwc
 from pzscale.errors import CatalogError, InputError
-from pzscale.ingest import ingest
 from pzscale.ml.models import ModelCard
 from pzscale.schema import RANKS
-from pzscale.synth import synth, synth_ifcb
+from tests.conftest import parquet_and_ifcb_catalog
 
 pytestmark = [pytest.mark.cluster]
 
@@ -59,13 +58,8 @@ def write_predictions(url: str, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def predicted(client, tmp_path_factory):
     """400 synthetic images plus a 4-bin IFCB cruise (volumes known), with a model's predictions."""
-    work = tmp_path_factory.mktemp("abundance")
-    url = str(work / "catalog.zarr")
-    synth(work / "parquet", images=400, seed=5, rows_per_file=400)
-    ingest([str(work / "parquet")], url, shard_len=64, client=client, progress=False)
-    synth_ifcb(work / "ifcb", images=240, seed=4, rois_per_bin=60)
-    ingest([str(work / "ifcb")], url, format="ifcb", source="cruise_ifcb", append=True, client=client,
-           progress=False)
+    url = parquet_and_ifcb_catalog(tmp_path_factory.mktemp("abundance"), client, images=400, seed=5,
+                                   ifcb_images=240, rois_per_bin=60)
     return url, write_predictions(url)
 
 

@@ -15,12 +15,11 @@ from pzscale import catalog, open_catalog
 from pzscale.classify import names, predictions
 from pzscale.cli import app
 from pzscale.errors import CatalogError, InputError
-from pzscale.ingest import ingest
 from pzscale.ml.labels import TARGET_COLUMNS, targets
 from pzscale.ml.models import ModelCard
 from pzscale.quantify import COLUMNS, quantify
 from pzscale.split import assign_splits
-from pzscale.synth import synth, synth_ifcb
+from tests.conftest import parquet_and_ifcb_catalog
 
 pytestmark = [pytest.mark.cluster]
 
@@ -64,12 +63,7 @@ def store_predictions(url: str, seed: int = 0) -> ModelCard:
 @pytest.fixture(scope="module")
 def predicted(client, tmp_path_factory):
     work = tmp_path_factory.mktemp("quantify")
-    url = str(work / "catalog.zarr")
-    synth(work / "parquet", images=1200, seed=11, rows_per_file=600)
-    ingest([str(work / "parquet")], url, shard_len=64, client=client, progress=False)
-    synth_ifcb(work / "ifcb", images=240, seed=4, rois_per_bin=40)
-    ingest([str(work / "ifcb")], url, format="ifcb", source="cruise_ifcb", append=True, client=client,
-           progress=False)
+    url = parquet_and_ifcb_catalog(work, client, images=1200, seed=11, ifcb_images=240, rois_per_bin=40)
     assign_splits(url, seed=1)
     card = store_predictions(url)
     model_dir = work / "model"

@@ -35,7 +35,7 @@ from scipy.optimize import nnls
 from pzscale.errors import CatalogError, InputError
 from pzscale.ml.inference import rank_groups
 from pzscale.ml.labels import TARGET_COLUMNS, targets
-from pzscale.schema import RANKS, SPLIT, STATUS_OK, prediction_name
+from pzscale.schema import RANKS, SPLIT, STATUS_OK, TIME_FILL, prediction_name
 from pzscale.stage import Catalog, map_shards
 
 METHODS = ("cc", "pcc", "acc", "pacc", "em")
@@ -183,10 +183,12 @@ def composition(methods: tuple[str, ...], group: Predictions, n_classes: int, va
 
 
 def bootstrap(methods: tuple[str, ...], group: Predictions, n_classes: int, validation: Predictions | None = None,
-              *, rounds: int = 100, level: float = 0.9, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+              *, rounds: int = 100, level: float = 0.9, seed: int = 0, point: dict[str, np.ndarray] | None = None
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Percentile intervals (low, high) of ``composition`` per method over ``rounds`` Poisson-bootstrap rounds
-    that resample the group's images and the validation images behind the rates."""
-    point = composition(methods, group, n_classes, validation)
+    that resample the group's images and the validation images behind the rates; ``point``: the estimates
+    without resampling when the caller has them (EM starts each round there)."""
+    point = point or composition(methods, group, n_classes, validation)
     seeds = np.random.SeedSequence(seed).spawn(2)
     rng_group, rng_val = (np.random.default_rng(s) for s in seeds)
     draws: dict[str, list] = {m: [] for m in methods}
@@ -330,10 +332,13 @@ def _time_bins(values: np.ndarray, freq: str) -> np.ndarray:
     return np.where(times.isna(), np.datetime64("NaT"), edges.to_numpy()[index])
 
 
-def groups_of(values: np.ndarray, bin_by: str | float | None = None) -> np.ndarray:
-    """Group keys of a variable's values: as they are, or binned (``bin_by``: a pandas frequency such as ``1D``
-    or ``MS`` for times, a width for numbers: the lower edge of each bin)."""
+def group_keys(by: str, values: np.ndarray, bin_by: str | float | None = None) -> np.ndarray:
+    """Group keys of variable ``by``'s values: as they are, or binned (``bin_by``: a pandas frequency such as
+    ``1D`` or ``MS`` for times, a width for numbers: the lower edge of each bin). ``time`` (int64 milliseconds in
+    the catalog) is grouped as datetimes, a missing time as NaT."""
     values = np.asarray(values)
+    if by == "time":
+        values = np.where(values == TIME_FILL, np.datetime64("NaT"), values.astype("datetime64[ms]"))
     if bin_by is None:
         return values
     if values.dtype.kind == "M":
@@ -344,6 +349,14 @@ def groups_of(values: np.ndarray, bin_by: str | float | None = None) -> np.ndarr
             raise InputError(f"bin width {bin_by!r}: must be positive")
         return np.floor(values / width) * width
     raise InputError(f"values of dtype {values.dtype} cannot be binned; group by them as they are")
+
+
+def group_rows(keys: np.ndarray) -> dict:
+    """Row indices of each group, in the order of the group keys; rows without a key (NaN, NaT) in no group."""
+    codes, uniques = pd.factorize(pd.Series(keys), sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return {uniques[i]: order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))}
 
 
 # ---------------------------------------------------------------- sample volumes and their QC
