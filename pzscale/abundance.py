@@ -13,13 +13,25 @@ are given too: images of samples with a volume are counted apart, and the volume
 the sum over its distinct samples (a sample = the same source, time, position, depths and
 volume), so that 500 images of one bin add its volume once.
 
-Output Dataset, dims (taxon, time, lat, lon); ``time`` is the start of each bin, lat/lon the
-cell centres (lon in -180..180), covering the extent of the data only:
+With a model's predictions, ``correct`` (``pcc``, ``acc`` or ``pacc``, see ``pzscale.ml.quantification``)
+adds counts corrected for the classifier's errors: per cell, the composition of its classified images estimated
+from their summed posteriors or predicted bins (below ``min_prob``: the unknown bin, given back to the taxa they
+come from) and the model's confusion on its validation split, times the images. The statistics of a cell are
+sums, gathered as per-shard tables like the counts; ``em`` needs each image's posterior at once (``pzscale
+quantify --by``). The taxa are then the model's at the rank.
 
+Output Dataset, dims (taxon, time, lat, lon); ``time`` is the start of each bin, lat/lon the
+cell centres (lon in -180..180), covering the extent of the data only. A cell with ``images`` 0 has no
+data; one with images and a zero count was sampled and the taxon not found (float variables: NaN vs 0):
+
+- ``images`` int64 (time, lat, lon): identified images (annotated, or classified by ``model``) with a position
+  and a time: the effort behind the counts;
 - ``count`` int64: images;
 - ``count_volumetric`` int64: images of samples with a known volume;
 - ``volume_ml`` float64 (time, lat, lon): volume imaged in the cell (0 when none known);
-- ``concentration`` float32: ``count_volumetric`` per litre (NaN where no volume).
+- ``concentration`` float32: ``count_volumetric`` per litre (NaN where no volume);
+- with ``correct``: ``count_corrected`` float32 (NaN where no image was classified) and
+  ``concentration_corrected`` float32 (per litre, NaN where no volume).
 """
 
 from __future__ import annotations
@@ -32,15 +44,18 @@ import flox.xarray
 import fsspec
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import xarray as xr
 from distributed import Client
 
 from pzscale import grids
 from pzscale.errors import CatalogError, InputError
+from pzscale.ml import quantification as q
 from pzscale.schema import RANKS, STATUS_OK, TIME_FILL, predicting_models, prediction_name
 from pzscale.stage import Catalog, map_shards
 
 TAXON_RANKS = (*RANKS, "lineage")
+ZERO_COLOUR = "0.8"  # the map's grey for cells sampled where the taxon was not found
 
 
 def taxon_names(values: np.ndarray, words: int) -> np.ndarray:
@@ -127,43 +142,72 @@ def _points(cat: Catalog, start: int, stop: int, rank: str, model: str | None, m
     if model is not None and missing:
         raise CatalogError(f"{cat.url}: no predictions {'/'.join(_taxon_arrays(rank, model))}; models with "
                            f"predictions here: {predicting_models(present)}")
-    names = [*POINT_COLUMNS, *(n for n in _taxon_arrays(rank, model) if n in present)]
+    identified = "lineage" if model is None else prediction_name(model, "label")
+    names = sorted({*POINT_COLUMNS, *(n for n in (*_taxon_arrays(rank, model), identified) if n in present)})
     ds = xr.Dataset({name: ("image", values) for name, values in cat.read(start, stop, names).items()})
     frame = pd.DataFrame({name: ds[name].values for name in POINT_COLUMNS})
     frame["taxon"] = taxon_column(ds, rank, model=model, min_prob=min_prob, where=cat.url).values
     frame["lon"] = (frame["lon"] + 180.0) % 360.0 - 180.0
-    counted = (frame["taxon"] != "") & frame["lat"].notna() & frame["lon"].notna() & (frame["time"] != TIME_FILL)
-    frame.loc[~counted, "taxon"] = ""
+    # sampled: an identified image (annotated, or classified by the model) with a position and a time
+    frame["sampled"] = (frame["status"] == STATUS_OK) & frame["lat"].notna() & frame["lon"].notna() & \
+        (frame["time"] != TIME_FILL) & (ds[identified].values != "" if identified in ds else False)
+    frame.loc[~frame["sampled"], "taxon"] = ""
     return frame
 
 
 def _scan_shard(cat: Catalog, start: int, stop: int, *args: Any) -> tuple[set, list[float] | None, pd.DataFrame]:
-    """Pass 1 over a shard: its taxa, the extent (lat, lon, time min then max) of its counted images, and
-    its distinct samples with a known volume (IFCB bins: one row per bin)."""
+    """Pass 1 over a shard: its taxa, the extent (lat, lon, time min then max) of its sampled images (a
+    position and a time), and its distinct samples with a known volume (IFCB bins: one row per bin)."""
     frame = _points(cat, start, stop, *args)
     counted = frame[frame["taxon"] != ""]
-    extent = None if counted.empty else [float(counted[c].min()) for c in ("lat", "lon", "time")] + \
-        [float(counted[c].max()) for c in ("lat", "lon", "time")]
-    keep = (frame["volume_analysed"] > 0) & (frame["status"] == STATUS_OK) & frame["lat"].notna() & \
-        frame["lon"].notna() & (frame["time"] != TIME_FILL)
+    sampled = frame[frame["sampled"]]
+    extent = None if sampled.empty else [float(sampled[c].min()) for c in ("lat", "lon", "time")] + \
+        [float(sampled[c].max()) for c in ("lat", "lon", "time")]
+    keep = (frame["volume_analysed"] > 0) & frame["sampled"]
     samples = frame.loc[keep, ["source", "time", "lat", "lon", "depth_min", "depth_max", "volume_analysed"]]
     return set(counted["taxon"].unique()), extent, samples.drop_duplicates()
 
 
+def _cell_of(frame: pd.DataFrame, edges: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The flat (time, lat, lon) cell index of each row: left-closed bins, as pandas intervals
+    (edge[i] <= x < edge[i + 1]), latitude 90 in the last cell."""
+    lat = np.minimum(frame["lat"].to_numpy(np.float64), edges[1][-1] - 1e-9)
+    at = (np.searchsorted(edges[0], frame["time"].to_numpy(np.float64), side="right") - 1,
+          np.searchsorted(edges[1], lat, side="right") - 1,
+          np.searchsorted(edges[2], frame["lon"].to_numpy(np.float64), side="right") - 1)
+    return np.ravel_multi_index(at, tuple(len(e) - 1 for e in edges))
+
+
 def _count_shard(cat: Catalog, start: int, stop: int, rank: str, model: str | None, min_prob: float,
-                 present: list[str], taxa: np.ndarray, edges: tuple[np.ndarray, ...]) -> pd.DataFrame:
-    """Pass 2 over a shard: counts per (taxon, time bin, lat cell, lon cell) that occur, as a small table."""
+                 present: list[str], taxa: np.ndarray, edges: tuple[np.ndarray, ...],
+                 correction: tuple | None) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+    """Pass 2 over a shard, as small tables of the cells that occur: counts per (taxon, cell), images per cell
+    and, with ``correction`` (classes, rank of the model's taxa, their number), each cell's sums for
+    ``quantification.composition_of_sums``."""
     frame = _points(cat, start, stop, rank, model, min_prob, present)
-    frame = frame[frame["taxon"] != ""]
-    lat = np.minimum(frame["lat"].to_numpy(np.float64), edges[1][-1] - 1e-9)  # lat 90 in the last cell
-    cells = pd.DataFrame({
-        "taxon": np.searchsorted(taxa, frame["taxon"].to_numpy(object)),
-        # left-closed bins, as pandas intervals: edge[i] <= x < edge[i + 1]
-        "time": np.searchsorted(edges[0], frame["time"].to_numpy(np.float64), side="right") - 1,
-        "lat": np.searchsorted(edges[1], lat, side="right") - 1,
-        "lon": np.searchsorted(edges[2], frame["lon"].to_numpy(np.float64), side="right") - 1,
-        "count": 1, "count_volumetric": (frame["volume_analysed"] > 0).to_numpy(np.int64)})
-    return cells.groupby(["taxon", "time", "lat", "lon"], as_index=False).sum()
+    frame = frame[frame["sampled"]]
+    cell = _cell_of(frame, edges)
+    volumetric = (frame["volume_analysed"] > 0).to_numpy(np.int64)
+    counted = (frame["taxon"] != "").to_numpy()
+    counts = pd.DataFrame({"taxon": np.searchsorted(taxa, frame["taxon"].to_numpy(object)[counted]),
+                           "cell": cell[counted], "count": 1, "count_volumetric": volumetric[counted]})
+    effort = pd.DataFrame({"cell": cell, "images": 1}).groupby("cell", as_index=False).sum()
+    sums = None
+    if correction is not None:
+        classes, model_rank, n_taxa = correction
+        data = q.shard_predictions(cat, start, stop, model, classes, model_rank, None, (), False)
+        where = pd.Series(np.arange(len(frame)), index=frame.index.to_numpy() + start).reindex(data["row"])
+        keep = where.notna().to_numpy()  # classified and sampled
+        local = where.to_numpy()[keep].astype(np.int64)
+        picked = q.predictions_of(data, n_taxa, min_prob, np.flatnonzero(keep))
+        cells, inverse = np.unique(cell[local], return_inverse=True)
+        bins = np.zeros((len(cells), n_taxa + 1))
+        np.add.at(bins, (inverse, picked.predicted), 1.0)
+        onehot = sp.csr_matrix((np.ones(len(inverse)), (inverse, np.arange(len(inverse)))),
+                               shape=(len(cells), len(inverse)))
+        sums = {"cell": cells, "bins": bins, "posteriors": np.asarray((onehot @ picked.posteriors).todense()),
+                "volumetric": np.bincount(inverse, weights=volumetric[local], minlength=len(cells))}
+    return counts.groupby(["taxon", "cell"], as_index=False).sum(), effort, sums
 
 def abundance(
     url: str,
@@ -173,6 +217,10 @@ def abundance(
     min_prob: float = 0.0,
     cell_deg: float = 1.0,
     time_bin: str = "1MS",
+    correct: str | None = None,
+    classes: list[str] | None = None,
+    validation: str | None = None,
+    validation_split: str = "val",
     out: str | None = None,
     storage_options: dict | None = None,
     out_storage_options: dict | None = None,
@@ -182,20 +230,35 @@ def abundance(
 
     Two passes of one read task per shard (on ``client`` or the current one, else in this
     process): taxa, extent and sampled volumes, then counts per cell that occur, summed on the
-    client; the result is written to Zarr at ``out`` when given.
+    client; the result is written to Zarr at ``out`` when given. ``correct``: also counts corrected for
+    ``model``'s errors (its ``classes``, from its card), learnt from the labelled images of split
+    ``validation_split`` of ``validation`` (default: this catalog).
     """
     if not cell_deg > 0:
         raise InputError(f"cell size must be > 0 degrees, not {cell_deg}")
     _offset(time_bin)  # a bad frequency fails before any pass over the catalog
+    if correct is not None and (correct not in q.SUMMABLE or model is None or not classes):
+        raise InputError(f"correct={correct!r} needs a model with its classes (a model directory) and one of "
+                         f"{', '.join(q.SUMMABLE)} (em: pzscale quantify --by)")
     cat = Catalog.open(url, storage_options)
     present = cat.arrays()
     args = (rank, model, min_prob, present)
     _points(cat, 0, 0, *args)  # a rank or model without its arrays fails before any pass
+    correction, rates, model_taxa = None, None, np.zeros(0, dtype=object)
+    if correct is not None:
+        model_rank = None if rank == "lineage" else rank
+        prefixes, _ = q.taxa_of(list(classes), model_rank)
+        model_taxa = _display_names(prefixes, rank)
+        correction = (list(classes), model_rank, len(prefixes))
+        val = None if correct == "pcc" else q.validation_predictions(
+            validation or cat, model, list(classes), model_rank, validation_split, (correct,), min_prob,
+            storage_options, client)
+        rates = q.summed_rates(correct, val, len(prefixes))
     scans = map_shards(_scan_shard, cat, *args, client=client)
-    taxa = np.array(sorted(set().union(*(taxa for taxa, _, _ in scans))), dtype=object)
-    if not len(taxa):
-        raise InputError(f"{url}: no image with a taxon at rank {rank!r}, a position and a time to count")
+    taxa = np.array(sorted(set().union(*(taxa for taxa, _, _ in scans), model_taxa)), dtype=object)
     extents = np.array([extent for _, extent, _ in scans if extent is not None])
+    if not len(taxa) or not len(extents):
+        raise InputError(f"{url}: no image with a taxon at rank {rank!r}, a position and a time to count")
     lat0, lon0, t0 = extents[:, :3].min(0)
     lat1, lon1, t1 = extents[:, 3:].max(0)
     lat_edges = _edges(lat0, lat1, cell_deg, -90.0, 90.0)
@@ -203,28 +266,80 @@ def abundance(
     time_edges = _time_edges(t0, t1, time_bin)
     time_edges_ms = time_edges.values.astype("datetime64[ms]").astype(np.int64).astype(np.float64)
     edges = (time_edges_ms, lat_edges, lon_edges)
-    shape = (len(taxa), len(time_edges_ms) - 1, len(lat_edges) - 1, len(lon_edges) - 1)
-    counts = {"count": np.zeros(shape, np.int64), "count_volumetric": np.zeros(shape, np.int64)}
-    for part in map_shards(_count_shard, cat, *args, taxa, edges, client=client):
-        at = tuple(part[axis].to_numpy() for axis in ("taxon", "time", "lat", "lon"))
+    grid = (len(time_edges_ms) - 1, len(lat_edges) - 1, len(lon_edges) - 1)
+    counts = {"count": np.zeros((len(taxa), np.prod(grid)), np.int64),
+              "count_volumetric": np.zeros((len(taxa), np.prod(grid)), np.int64)}
+    images = np.zeros(np.prod(grid), np.int64)
+    sums = []
+    for part, effort, cell_sums in map_shards(_count_shard, cat, *args, taxa, edges, correction, client=client):
         for name, total in counts.items():
-            np.add.at(total, at, part[name].to_numpy())
+            np.add.at(total, (part["taxon"].to_numpy(), part["cell"].to_numpy()), part[name].to_numpy())
+        np.add.at(images, effort["cell"].to_numpy(), effort["images"].to_numpy())
+        if cell_sums is not None and len(cell_sums["cell"]):
+            sums.append(cell_sums)
     # a bin split over two shards: once
     samples = pd.concat([samples for _, _, samples in scans], ignore_index=True).drop_duplicates()
     bins = tuple(pd.IntervalIndex.from_breaks(e, closed="left") for e in edges)
     volume = _volume_per_cell(samples, bins, lat_edges, cell_deg)
-    result = _assemble(counts, volume, taxa, time_edges, lat_edges, lon_edges)
+    counts = {name: total.reshape(len(taxa), *grid) for name, total in counts.items()}
+    result = _assemble(counts, images.reshape(grid), volume, taxa, time_edges, lat_edges, lon_edges)
+    if correct is not None:
+        _add_corrected(result, sums, correct, rates, model_taxa, taxa)
     result.attrs = {
         "catalog": grids.redact(url), "rank": rank, "taxonomy": f"model {model}" if model else "annotations",
         "min_prob": min_prob if model else None, "cell_deg": cell_deg, "time_bin": time_bin,
         "images_counted": int(result["count"].sum()), "samples_with_volume": len(samples),
+        "correction": correct,
+        "validation": grids.redact(validation or url) if correct in ("acc", "pacc") else None,
         "description": "image counts per taxon, time bin and lat/lon cell; concentration per litre where the "
-                       "sampled volume is known (IFCB)",
+                       "sampled volume is known (IFCB); images == 0: no data",
     }
     result.attrs = {k: v for k, v in result.attrs.items() if v is not None}
     if out:
         result.to_zarr(out, mode="w", zarr_format=3, consolidated=False, storage_options=out_storage_options)
     return result
+
+
+def _display_names(prefixes: list[str], rank: str) -> np.ndarray:
+    """The names ``taxon_column`` gives the model's taxa at ``rank`` (a lineage that stops above the rank keeps
+    its whole lineage: it has no name there)."""
+    if rank == "lineage":
+        return np.array(prefixes, dtype=object)
+    names = taxon_names(np.array(prefixes, dtype=object), 2 if rank == "species" else 1)
+    short = taxon_names(np.array(prefixes, dtype=object), RANKS.index(rank) + 1) == ""
+    return np.where(short, np.array(prefixes, dtype=object), names).astype(object)
+
+
+def _add_corrected(result: xr.Dataset, sums: list[dict], method: str, rates: np.ndarray, model_taxa: np.ndarray,
+                   taxa: np.ndarray) -> None:
+    """``count_corrected`` and ``concentration_corrected`` from the per-shard cell sums: per cell, the composition
+    by ``method`` times its classified images (all of them, or those with a volume, per litre)."""
+    shape = (len(taxa), *result["images"].shape)
+    corrected = np.full((len(taxa), int(np.prod(shape[1:]))), np.nan, dtype=np.float32)
+    volumetric = np.full_like(corrected, np.nan)
+    if sums:
+        cell = np.concatenate([s["cell"] for s in sums])
+        cells, inverse = np.unique(cell, return_inverse=True)
+        total = {}
+        for key in ("bins", "posteriors", "volumetric"):
+            stacked = np.concatenate([s[key] for s in sums])
+            total[key] = np.zeros((len(cells), *stacked.shape[1:]))
+            np.add.at(total[key], inverse, stacked)
+        to_axis = np.searchsorted(taxa, model_taxa)  # model taxa sharing a name are summed
+        for i, c in enumerate(cells):
+            proportion = np.bincount(to_axis, q.composition_of_sums(method, total["bins"][i], total["posteriors"][i],
+                                                                     rates), minlength=len(taxa))
+            corrected[:, c] = proportion * total["bins"][i].sum()
+            volumetric[:, c] = proportion * total["volumetric"][i]
+    dims = ("taxon", "time", "lat", "lon")
+    litres = result["volume_ml"].values.reshape(-1) / 1000.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        concentration = np.where(litres > 0, volumetric / litres, np.nan)
+    result["count_corrected"] = (dims, corrected.reshape(shape), {
+        "description": f"images per taxon corrected for the classifier's errors ({method}); NaN: no classified "
+                       "image in the cell", "units": "1"})
+    result["concentration_corrected"] = (dims, concentration.reshape(shape).astype(np.float32), {
+        "description": f"count_corrected of samples with a known volume per litre ({method})", "units": "L-1"})
 
 
 def _volume_per_cell(samples: pd.DataFrame, bins: tuple, lat_edges: np.ndarray, cell_deg: float) -> xr.DataArray:
@@ -241,8 +356,8 @@ def _volume_per_cell(samples: pd.DataFrame, bins: tuple, lat_edges: np.ndarray, 
                                      fill_value=0.0, engine="numpy")
 
 
-def _assemble(counts: dict[str, np.ndarray], volume: xr.DataArray, taxa: np.ndarray, time_edges: pd.DatetimeIndex,
-              lat_edges: np.ndarray, lon_edges: np.ndarray) -> xr.Dataset:
+def _assemble(counts: dict[str, np.ndarray], images: np.ndarray, volume: xr.DataArray, taxa: np.ndarray,
+              time_edges: pd.DatetimeIndex, lat_edges: np.ndarray, lon_edges: np.ndarray) -> xr.Dataset:
     dims = ("taxon", "time", "lat", "lon")
     count, count_vol = counts["count"], counts["count_volumetric"]
     vol = np.asarray(volume.values, dtype=np.float64)
@@ -250,6 +365,9 @@ def _assemble(counts: dict[str, np.ndarray], volume: xr.DataArray, taxa: np.ndar
         concentration = np.where(vol > 0, count_vol / vol * 1000.0, np.nan).astype(np.float32)
     return xr.Dataset(
         {
+            "images": (dims[1:], images.astype(np.int64), {
+                "description": "identified images with a position and a time (0: no data; a zero count where "
+                               "images > 0: sampled, none found)", "units": "1"}),
             "count": (dims, count.astype(np.int64), {"description": "images", "units": "1"}),
             "count_volumetric": (dims, count_vol.astype(np.int64),
                                  {"description": "images of samples with a known volume", "units": "1"}),
@@ -268,10 +386,12 @@ def _assemble(counts: dict[str, np.ndarray], volume: xr.DataArray, taxa: np.ndar
 def plot_map(ds: xr.Dataset, path: str | Path, *, taxon: str | None = None, variable: str = "count",
              time: str | None = None, storage_options: dict | None = None) -> str:
     """A PNG map of one taxon (default: all taxa summed) over all time bins (or the bin starting at
-    ``time``); coastlines when cartopy is installed (the ``maps`` extra)."""
+    ``time``): cells sampled without the taxon grey, cells without data left blank; coastlines when cartopy
+    is installed (the ``maps`` extra)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import ListedColormap, LogNorm
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     if variable not in ds:
         raise InputError(f"no variable {variable!r} in the abundance dataset ({sorted(map(str, ds.data_vars))})")
@@ -285,13 +405,20 @@ def plot_map(ds: xr.Dataset, path: str | Path, *, taxon: str | None = None, vari
     elif "taxon" in field.dims:
         field = field.sum("taxon", min_count=1)
     when = "all times"
+    effort = ds.get("images")  # None in older abundance stores: there zero and no data look alike
     if time is not None:
         field, when = field.sel(time=np.datetime64(time)), f"bin from {time}"
-    elif variable == "concentration":
+        effort = None if effort is None else effort.sel(time=np.datetime64(time))
+    elif variable.startswith("concentration"):
         field, when = field.mean("time"), "mean over time bins"
     else:
         field = field.sum("time", min_count=1)
+    if effort is not None and "time" in effort.dims:
+        effort = effort.sum("time")
+    sampled = np.zeros(field.shape, bool) if effort is None else effort.values > 0
     values = np.ma.masked_invalid(np.where(field.values > 0, field.values, np.nan))
+    # sampled and none found (0, not NaN): a grey cell; no data: no cell
+    zero = np.ma.masked_where(~(sampled & (field.values == 0)), np.zeros(field.shape))
     cell = float(ds.attrs.get("cell_deg", np.diff(ds["lat"].values[:2])[0] if len(ds["lat"]) > 1 else 1.0))
     lat_edges = np.r_[ds["lat"].values - cell / 2, ds["lat"].values[-1] + cell / 2]
     lon_edges = np.r_[ds["lon"].values - cell / 2, ds["lon"].values[-1] + cell / 2]
@@ -308,6 +435,11 @@ def plot_map(ds: xr.Dataset, path: str | Path, *, taxon: str | None = None, vari
         kwargs = {}
     norm = LogNorm(vmin=max(float(values.min()), 1e-9), vmax=float(values.max())) if values.count() else None
     mesh = ax.pcolormesh(lon_edges, lat_edges, values, norm=norm, cmap="viridis", shading="flat", **kwargs)
+    if zero.count():
+        ax.pcolormesh(lon_edges, lat_edges, zero, cmap=ListedColormap([ZERO_COLOUR]), shading="flat", **kwargs)
+        ax.legend(handles=[Patch(color=ZERO_COLOUR, label="sampled, none found"),
+                           Patch(facecolor="none", edgecolor="0.5", label="no data")], loc="lower left",
+                  fontsize="small")
     ax.set_xlim(lon_edges[0], lon_edges[-1])
     ax.set_ylim(lat_edges[0], lat_edges[-1])
     ax.set_xlabel("longitude (degrees east)")

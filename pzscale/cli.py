@@ -425,37 +425,7 @@ def env_cmd(
     typer.echo(str(report))
 
 
-@app.command("abundance")
-def abundance_cmd(
-    catalog_url: CatalogOpt,
-    out: Annotated[str | None, typer.Option(help="Zarr store for the (taxon, time, lat, lon) counts")] = None,
-    rank: Annotated[str, typer.Option(help="kingdom ... species, or lineage")] = "genus",
-    model: TaxonModelOpt = None,
-    min_prob: MinProbOpt = 0.0,
-    cell: Annotated[float, typer.Option(help="cell size in degrees")] = 1.0,
-    time_bin: Annotated[str, typer.Option(help="pandas frequency of the time bins (1MS, 7D, 1YS)")] = "1MS",
-    png: Annotated[Path | None, typer.Option(help="write a map of the counts (or --taxon's) here")] = None,
-    taxon: Annotated[str | None, typer.Option(help="taxon to map (default: all summed)")] = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    storage_options: StorageOpt = None,
-) -> None:
-    """Count images per taxon, time bin and lat/lon cell (per litre where volumes are known); map them."""
-    from pzscale.abundance import abundance as run
-    from pzscale.abundance import plot_map
-
-    so = storage_options_of(storage_options)
-    check_inputs(catalog_url, so)
-    with start_client(scheduler, workers):  # --out on object storage uses the catalog's storage options
-        ds = run(catalog_url, rank=rank, model=model, min_prob=min_prob, cell_deg=cell, time_bin=time_bin,
-                 out=out, storage_options=so, out_storage_options=so)
-    if png:
-        plot_map(ds, png, taxon=taxon)
-    typer.echo(f"abundance: {ds.attrs['images_counted']:,} images of {ds.sizes['taxon']} taxa at rank {rank} in "
-               f"{ds.sizes['time']} time bins x {ds.sizes['lat']} x {ds.sizes['lon']} cells of {cell:g} deg"
-               + (f" -> {out}" if out else "") + (f"; map {png}" if png else ""))
-
-
+app.command("abundance")(composition.abundance)
 app.command("quantify")(composition.quantify)
 app.command("drift")(composition.drift)
 

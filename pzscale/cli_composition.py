@@ -1,14 +1,16 @@
-"""The composition commands (``pzscale quantify``, ``pzscale drift``), registered on the app by ``pzscale.cli``:
-wiring only, the work is in ``pzscale.quantify``."""
+"""The composition commands (``pzscale abundance``, ``pzscale quantify``, ``pzscale drift``), registered on the app by
+``pzscale.cli``: wiring only, the work is in ``pzscale.abundance`` and ``pzscale.quantify``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pzscale.commandline import (
     CatalogOpt,
+    MinProbOpt,
     ModelOpt,
     SchedulerOpt,
     StorageOpt,
@@ -17,6 +19,57 @@ from pzscale.commandline import (
     start_client,
     storage_options_of,
 )
+from pzscale.errors import InputError
+
+
+def abundance(
+    catalog_url: CatalogOpt,
+    out: Annotated[str | None, typer.Option(help="Zarr store for the (taxon, time, lat, lon) counts")] = None,
+    rank: Annotated[str, typer.Option(help="kingdom ... species, or lineage")] = "genus",
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="use this model's predictions (pred__<id>__*) instead of the catalog's annotations: "
+                              "its id, or its directory (needed by --correct)")] = None,
+    min_prob: MinProbOpt = 0.0,
+    cell: Annotated[float, typer.Option(help="cell size in degrees")] = 1.0,
+    time_bin: Annotated[str, typer.Option(help="pandas frequency of the time bins (1MS, 7D, 1YS)")] = "1MS",
+    correct: Annotated[str | None, typer.Option(
+        help="also counts corrected for the model's errors: pcc, acc or pacc (em: pzscale quantify)")] = None,
+    validation: Annotated[str | None, typer.Option(
+        help="with --correct: catalog holding the model's labelled validation split (default: this one)")] = None,
+    validation_split: Annotated[str, typer.Option(help="split of the validation images")] = "val",
+    png: Annotated[Path | None, typer.Option(help="write a map here")] = None,
+    variable: Annotated[str | None, typer.Option(
+        help="variable to map (default: concentration_corrected where volumes are known, else count_corrected, "
+             "with --correct; count without)")] = None,
+    taxon: Annotated[str | None, typer.Option(help="taxon to map (default: all summed)")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Count images per taxon, time bin and lat/lon cell (per litre where volumes are known; corrected for the
+    classifier's errors with --correct); map them, zero (sampled, none found) apart from no data."""
+    from pzscale.abundance import abundance as run
+    from pzscale.abundance import plot_map
+    from pzscale.ml.models import ModelCard
+
+    so = storage_options_of(storage_options)
+    check_inputs(catalog_url, so)
+    card = ModelCard.load(model) if model and Path(model, "model_card.json").is_file() else None
+    if correct and card is None:
+        raise InputError(f"--correct needs --model to be a model directory (its card lists the classes), not {model!r}")
+    with start_client(scheduler, workers) as client:  # --out on object storage uses the catalog's storage options
+        ds = run(catalog_url, rank=rank, model=card.id if card else model, min_prob=min_prob, cell_deg=cell,
+                 time_bin=time_bin, correct=correct, classes=card.classes if card else None, validation=validation,
+                 validation_split=validation_split, out=out, storage_options=so, out_storage_options=so,
+                 client=client)
+    if png:
+        if variable is None and correct:
+            variable = "concentration_corrected" if float(ds["volume_ml"].sum()) > 0 else "count_corrected"
+        plot_map(ds, png, taxon=taxon, variable=variable or "count")
+    typer.echo(f"abundance: {ds.attrs['images_counted']:,} images of {ds.sizes['taxon']} taxa at rank {rank} in "
+               f"{ds.sizes['time']} time bins x {ds.sizes['lat']} x {ds.sizes['lon']} cells of {cell:g} deg"
+               + (f", corrected ({correct})" if correct else "") + (f" -> {out}" if out else "")
+               + (f"; map {png}" if png else ""))
 
 
 def quantify(

@@ -63,8 +63,8 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
     data = q.read_predictions(cat, model, classes, rank=rank, by=by, extra=VOLUME_COLUMNS, client=client)
     if not data or not len(data["row"]):
         raise CatalogError(f"{cat.url}: no decoded image has a prediction of model {model!r}")
-    val = _validation(validation or cat, model, classes, rank, validation_split, methods, min_prob,
-                      storage_options, client)
+    val = q.validation_predictions(validation or cat, model, classes, rank, validation_split, methods, min_prob,
+                                   storage_options, client) if set(methods) & set(q.NEEDS_VALIDATION) else None
     volumes = q.sample_volumes(*(data[c] for c in VOLUME_COLUMNS))
     suspect = volumes.index[volumes["volume_qc"].isin(["implausible", "outlier"])]
     if len(suspect):
@@ -97,25 +97,6 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
         to_dataset(table, by).to_zarr(out_zarr, mode="w", zarr_format=3, consolidated=False,
                                       storage_options=storage_options)
     return table
-
-
-def _validation(where: str | Catalog, model: str, classes: list[str], rank: str | None, split: str,
-                methods: tuple[str, ...], min_prob: float, storage_options: dict | None,
-                client: Client | None) -> q.Predictions | None:
-    """The labelled images of the model's validation split (None when no method needs them)."""
-    if not set(methods) & set(q.NEEDS_VALIDATION):
-        return None
-    cat = where if isinstance(where, Catalog) else Catalog.open(where, storage_options)
-    if SPLIT not in cat.arrays():
-        raise CatalogError(f"{cat.url}: no {SPLIT} variable, so no validation images for "
-                           f"{', '.join(m for m in methods if m in q.NEEDS_VALIDATION)}; run pzscale split, give the "
-                           "catalog the model was validated on, or use methods cc,pcc")
-    data = q.read_predictions(cat, model, classes, rank=rank, with_truth=True, client=client)
-    rows = np.flatnonzero((data[SPLIT] == split) & (data["true"] >= 0)) if data else np.zeros(0, np.int64)
-    if not len(rows):
-        raise CatalogError(f"{cat.url}: no labelled image of split {split!r} with a taxon of the model and a "
-                           f"prediction: nothing to learn the model's errors from")
-    return q.predictions_of(data, len(q.taxa_of(classes, rank)[0]), min_prob, rows)
 
 
 def _volume_l(samples: np.ndarray, volumes: pd.DataFrame, keep_suspect: bool) -> tuple[float, str]:

@@ -127,3 +127,16 @@ def test_sample_volumes_flag_readers_word_and_robust_outliers_per_source():
     assert "" not in found.index and found.loc["a", "volume_ml"] == 5.0
     assert found["volume_qc"].to_dict() == {"a": "ok", "b": "implausible", "c": "ok", "d": "outlier", "e": "ok",
                                             "f": "ok", "g": "ok", "h": "unknown"}  # g: half the median, not 10x
+
+
+def test_composition_from_a_groups_sums_is_the_composition_of_its_images(shifted):
+    """The per-cell path of abundance --correct: the same estimate from summed bins and posteriors."""
+    validation, group = shifted
+    found = q.composition(q.SUMMABLE, group, 3, validation)
+    bins = np.bincount(group.predicted, minlength=4).astype(float)
+    sums = np.asarray(group.posteriors).sum(axis=0)
+    for method in q.SUMMABLE:
+        rates = q.summed_rates(method, validation if method != "pcc" else None, 3)
+        np.testing.assert_allclose(q.composition_of_sums(method, bins, sums, rates), found[method][:3], atol=1e-9)
+    with pytest.raises(ValueError, match="not computed from sums"):
+        q.summed_rates("em", validation, 3)

@@ -18,6 +18,7 @@ from pzscale.errors import CatalogError, InputError
 from pzscale.ml.labels import TARGET_COLUMNS, targets
 from pzscale.ml.models import ModelCard
 from pzscale.quantify import COLUMNS, quantify
+from pzscale.schema import TIME_FILL
 from pzscale.split import assign_splits
 from tests.conftest import parquet_and_ifcb_catalog
 
@@ -241,3 +242,67 @@ def test_drift_ranks_first_the_group_whose_images_lie_far_from_the_training_imag
     assert pd.read_csv(out)["source"].tolist() == table["source"].tolist()
     with pytest.raises(CatalogError, match="no emb__nothing"):
         drift(url, card.id, "source", embedding="nothing", client=client)
+
+
+def test_abundance_corrects_each_cell_as_quantify_would_and_tells_zero_from_no_data(predicted, client, tmp_path):
+    """``abundance --correct`` gathers each cell's sums per shard; the corrected counts must equal the estimators
+    run on the cell's images at once. Cells without identified images are no data (NaN), the others hold zeros."""
+    from pzscale.abundance import abundance, plot_map
+    from pzscale.ml import quantification as q
+
+    url, card, model_dir = predicted
+    found = {m: abundance(url, rank="lineage", model=card.id, classes=card.classes, min_prob=0.5, cell_deg=60.0,
+                          time_bin="1YS", correct=m, client=client) for m in ("acc", "pacc")}
+    cat = q.Catalog.open(url)
+    data = q.read_predictions(cat, card.id, card.classes, extra=("lat", "lon", "time", "volume_analysed"),
+                              client=client)
+    val = q.validation_predictions(cat, card.id, card.classes, None, "val", ("acc", "pacc"), 0.5, client=client)
+    ds = found["acc"]
+    lon = (data["lon"] + 180.0) % 360.0 - 180.0
+    cells = pd.DataFrame({"year": pd.to_datetime(data["time"], unit="ms").year, "lat": np.floor(data["lat"] / 60) * 60
+                          + 30, "lon": np.floor(lon / 60) * 60 + 30, "volumetric": data["volume_analysed"] > 0})
+    cells = cells[(data["time"] != TIME_FILL) & np.isfinite(data["lat"]) & np.isfinite(lon)]
+    n = len(card.classes)
+    checked = 0
+    for (year, lat, lon_centre), rows in cells.groupby(["year", "lat", "lon"]).indices.items():
+        rows = cells.index.to_numpy()[rows]
+        group = q.predictions_of(data, n, 0.5, rows)
+        expected = q.composition(("acc", "pacc"), group, n, val)
+        for method, result in found.items():
+            cell = result.sel(time=f"{int(year)}-01-01", lat=lat, lon=lon_centre)
+            assert int(cell["images"]) == len(rows)
+            np.testing.assert_allclose(cell["count_corrected"].sel(taxon=card.classes).values,
+                                       expected[method][:n] * len(rows), rtol=1e-4, atol=1e-3)
+            if float(cell["volume_ml"]) > 0:  # per litre: the cell's images with a volume, in the same mix
+                np.testing.assert_allclose(cell["concentration_corrected"].sel(taxon=card.classes).values,
+                                           expected[method][:n] * cells["volumetric"].loc[rows].sum()
+                                           / float(cell["volume_ml"]) * 1000, rtol=1e-4, atol=1e-3)
+                checked += 1
+        checked += 1
+    assert checked > 10 and (cells["volumetric"].any())
+    # the corrected counts give the unknown bin back: each sampled cell's taxa sum to its classified images
+    totals = ds["count_corrected"].sum("taxon", min_count=1)
+    sampled = ds["images"] > 0
+    np.testing.assert_allclose(totals.where(sampled).fillna(0).values, ds["images"].values, rtol=1e-4)
+    assert ds["count_corrected"].where(~sampled).isnull().all()  # no data: NaN, not 0
+    assert int((ds["count"].where(sampled) == 0).sum()) > 0  # sampled, none found: 0
+    with_volume = ds["volume_ml"] > 0
+    assert with_volume.any() and ds["concentration_corrected"].where(~with_volume).isnull().all()
+    # the map: cells sampled without the taxon grey, no data blank
+    taxon = str(ds["taxon"].values[int(np.argmin(ds["count"].sum(("time", "lat", "lon")).values))])
+    path = plot_map(ds, tmp_path / "one.png", taxon=taxon, variable="count")
+    from PIL import Image
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    assert ((rgb == [204, 204, 204]).all(axis=1)).sum() > 2000  # matplotlib's "0.8" grey: cells, not the legend
+    result = CliRunner().invoke(app, ["abundance", "--catalog", url, "--model", str(model_dir), "--rank", "lineage",
+                                      "--correct", "pacc", "--min-prob", "0.5", "--cell", "60", "--time-bin", "1YS",
+                                      "--png", str(tmp_path / "map.png"), "--out", str(tmp_path / "ab.zarr"),
+                                      "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert "corrected (pacc)" in result.output and (tmp_path / "map.png").exists()
+    stored = xr.open_zarr(str(tmp_path / "ab.zarr"), consolidated=False)
+    xr.testing.assert_allclose(stored["count_corrected"].load(), found["pacc"]["count_corrected"])
+    bad = CliRunner().invoke(app, ["abundance", "--catalog", url, "--model", card.id, "--correct", "acc",
+                                   "--scheduler", client.scheduler.address])
+    assert bad.exit_code == 1 and "model directory" in bad.output

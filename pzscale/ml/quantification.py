@@ -211,6 +211,32 @@ def interval(draws: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np.ndar
     return low, high
 
 
+SUMMABLE = ("pcc", "acc", "pacc")  # corrections whose group statistics are sums over images: per-cell tables
+
+
+def summed_rates(method: str, validation: Predictions | None, n_classes: int) -> np.ndarray:
+    """The validation rates a ``SUMMABLE`` method adjusts by (identity for ``pcc``, which needs no validation)."""
+    if method == "acc":
+        return confusion_rates(validation.true, validation.predicted, n_classes, n_classes + 1)
+    if method == "pacc":
+        return posterior_rates(validation.true, validation.posteriors, n_classes)
+    if method == "pcc":
+        return np.eye(n_classes)
+    raise ValueError(f"{method!r} is not computed from sums: choose from {', '.join(SUMMABLE)}")
+
+
+def composition_of_sums(method: str, bin_counts: np.ndarray, posterior_sums: np.ndarray, rates: np.ndarray
+                        ) -> np.ndarray:
+    """``composition``'s estimate for ``method`` (a ``SUMMABLE`` one, without the unknown bin) from a group's
+    sums: images per predicted bin (n_classes + 1, the last the unknown bin) and summed posteriors (n_classes),
+    so that groups can be gathered as small per-shard tables."""
+    n = float(np.sum(bin_counts))
+    if method == "acc":
+        return adjusted(np.asarray(bin_counts, np.float64) / n, rates)
+    mean = np.asarray(posterior_sums, np.float64) / n
+    return mean if method == "pcc" else adjusted(mean, rates)
+
+
 def absolute_error(estimated: np.ndarray, true: np.ndarray) -> float:
     """Mean absolute difference of two compositions over the classes."""
     return float(np.abs(np.asarray(estimated, np.float64) - np.asarray(true, np.float64)).mean())
@@ -242,7 +268,7 @@ def _truncated(labels: np.ndarray, rank: str | None) -> np.ndarray:
     return np.array([" ".join(t.split()[:depth]) for t in labels], dtype=object)
 
 
-def _shard_predictions(cat: Catalog, start: int, stop: int, model: str, classes: list[str], rank: str | None,
+def shard_predictions(cat: Catalog, start: int, stop: int, model: str, classes: list[str], rank: str | None,
                        by: str | None, extra: tuple[str, ...], with_truth: bool) -> dict[str, np.ndarray]:
     taxa, class_taxon = taxa_of(classes, rank)
     code = {t: i for i, t in enumerate(taxa)}
@@ -288,7 +314,7 @@ def read_predictions(cat: Catalog, model: str, classes: list[str], *, rank: str 
     for name in (by, *extra):
         if name and name not in arrays:
             raise InputError(f"{cat.url}: no variable {name!r} to group or read by")
-    parts = map_shards(_shard_predictions, cat, model, list(classes), rank, by, tuple(extra), with_truth,
+    parts = map_shards(shard_predictions, cat, model, list(classes), rank, by, tuple(extra), with_truth,
                        client=client)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
 
@@ -314,6 +340,24 @@ def predictions_of(data: dict[str, np.ndarray], n_taxa: int, min_prob: float, ro
     predicted = np.where((predicted < 0) | (data["prob"][pick] < min_prob), n_taxa, predicted)
     return Predictions(predicted, posteriors_of(data["topk"][pick], data["topk_prob"][pick], n_taxa),
                        data["true"][pick].astype(np.int64) if "true" in data else None)
+
+
+def validation_predictions(where: str | Catalog, model: str, classes: list[str], rank: str | None, split: str,
+                           methods: tuple[str, ...], min_prob: float, storage_options: dict | None = None,
+                           client: Client | None = None) -> Predictions:
+    """The labelled images of the model's validation split (split ``split`` of catalog ``where``), for
+    ``methods`` (named in the error when there are none)."""
+    cat = where if isinstance(where, Catalog) else Catalog.open(where, storage_options)
+    if SPLIT not in cat.arrays():
+        raise CatalogError(f"{cat.url}: no {SPLIT} variable, so no validation images for "
+                           f"{', '.join(m for m in methods if m in NEEDS_VALIDATION)}; run pzscale split, give the "
+                           "catalog the model was validated on, or use methods cc,pcc")
+    data = read_predictions(cat, model, classes, rank=rank, with_truth=True, client=client)
+    rows = np.flatnonzero((data[SPLIT] == split) & (data["true"] >= 0)) if data else np.zeros(0, np.int64)
+    if not len(rows):
+        raise CatalogError(f"{cat.url}: no labelled image of split {split!r} with a taxon of the model and a "
+                           f"prediction: nothing to learn the model's errors from")
+    return predictions_of(data, len(taxa_of(classes, rank)[0]), min_prob, rows)
 
 
 def _time_bins(values: np.ndarray, freq: str) -> np.ndarray:
