@@ -140,3 +140,27 @@ def test_composition_from_a_groups_sums_is_the_composition_of_its_images(shifted
         np.testing.assert_allclose(q.composition_of_sums(method, bins, sums, rates), found[method][:3], atol=1e-9)
     with pytest.raises(ValueError, match="not computed from sums"):
         q.summed_rates("em", validation, 3)
+
+
+def test_calibration_undoes_an_overconfident_temperature_and_helps_em(shifted):
+    """Posteriors sharpened to the power 3 (a network too sure of itself): the fit finds 1/T near 1/3 and no bias,
+    calibrated posteriors are those softmax gives, and EM on them finds the shifted mix that it misses without."""
+    validation, group = shifted
+
+    def sharpened(p):
+        p = np.asarray(p) ** 3
+        return p / p.sum(1, keepdims=True)
+
+    sharp_val = q.Predictions(validation.predicted, sharpened(validation.posteriors), validation.true)
+    sharp_group = q.Predictions(group.predicted, sharpened(group.posteriors), group.true)
+    inverse_t, bias = q.fit_calibration(sharp_val.true, sharp_val.posteriors)
+    assert inverse_t == pytest.approx(1 / 3, rel=0.05) and np.abs(bias).max() < 0.05
+    logits = inverse_t * np.log(sharp_group.posteriors) + bias
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(q.calibrated(sharp_group.posteriors, inverse_t, bias).toarray(),
+                               expected / expected.sum(1, keepdims=True), rtol=1e-9)
+    truth = truth_of(group)
+    priors = q.classify_and_count(sharp_val.true, 3)
+    raw = q.absolute_error(q.em_priors(sp.csr_matrix(sharp_group.posteriors), priors), truth)
+    fixed = q.composition(("em",), sharp_group, 3, sharp_val)["em"][:3]
+    assert q.absolute_error(fixed, truth) < 0.02 < raw

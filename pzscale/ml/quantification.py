@@ -13,7 +13,9 @@ behaviour on labelled validation images:
   gives back to the classes they come from;
 - ``pacc``: the same with the mean validation posterior per true class (Bella et al. 2010);
 - ``em``: the priors re-estimated by expectation maximisation of the posteriors (Saerens, Latinne and Decaestecker
-  2002), which assumes posteriors calibrated on the validation priors.
+  2002), which assumes posteriors calibrated on the validation priors: they are first recalibrated on the
+  validation images by bias-corrected temperature scaling (Alexandari, Kundaje and Shrikumar 2020, who found
+  EM with it hard to beat under label shift; a network trained for a couple of epochs is far from calibrated).
 
 Classes are integer codes ``0..n_classes-1``. Every function takes per-image ``weights`` (None: all 1), so that
 intervals come from the Poisson bootstrap (each image weighted by a Poisson(1) draw per round, which resamples a
@@ -177,9 +179,65 @@ def composition(methods: tuple[str, ...], group: Predictions, n_classes: int, va
         out["pacc"] = np.r_[adjusted(probabilistic_cc(group.posteriors, group_weights), rates), unknown]
     if "em" in methods:
         priors = classify_and_count(validation.true, n_classes, validation_weights)
-        out["em"] = np.r_[em_priors(group.posteriors, priors, group_weights,
+        scaling = fit_calibration(validation.true, validation.posteriors, validation_weights)
+        out["em"] = np.r_[em_priors(calibrated(group.posteriors, *scaling), priors, group_weights,
                                     start=None if start is None else start["em"][:-1]), unknown]
     return out
+
+
+def _log_support(posteriors) -> sp.csr_matrix:
+    """The posteriors as a sparse matrix of their non-zero entries (the stored top-k: the support)."""
+    m = sp.csr_matrix(posteriors, dtype=np.float64)
+    m.eliminate_zeros()
+    return m
+
+
+def _softmax_rows(rows: np.ndarray, n_rows: int, logits: np.ndarray) -> np.ndarray:
+    """Softmax of ``logits`` within the groups of entries sharing a row (``rows``: each entry's)."""
+    top = np.full(n_rows, -np.inf)
+    np.maximum.at(top, rows, logits)
+    e = np.exp(logits - top[rows])
+    return e / np.bincount(rows, weights=e, minlength=n_rows)[rows]
+
+
+def fit_calibration(true: np.ndarray, posteriors, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Bias-corrected temperature scaling fitted on labelled images: ``(1/T, b)`` minimising the (weighted)
+    negative log likelihood of ``softmax(log p / T + b)`` over each image's support. Images whose true class
+    lies outside their support (beyond the stored top-k) cannot be scored and are left out."""
+    m = _log_support(posteriors)
+    true = np.asarray(true, np.int64)
+    w = _weights(m.shape[0], weights)
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    is_true = m.indices == true[rows]
+    scored = np.bincount(rows, weights=is_true, minlength=m.shape[0]) > 0
+    keep = scored[rows]
+    log_p, cols, rows, is_true = np.log(m.data[keep]), m.indices[keep], rows[keep], is_true[keep]
+    n_classes = m.shape[1]
+    if not keep.any():
+        return 1.0, np.zeros(n_classes)
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = theta[0] * log_p + theta[1:][cols]
+        q = _softmax_rows(rows, m.shape[0], logits)
+        wq = w[rows] * (q - is_true)
+        loss = -float((w[rows] * is_true * np.log(np.clip(q, 1e-300, None))).sum())
+        return loss, np.r_[(wq * log_p).sum(), np.bincount(cols, weights=wq, minlength=n_classes)]
+
+    from scipy.optimize import minimize
+
+    theta = minimize(nll, np.r_[1.0, np.zeros(n_classes)], jac=True, method="L-BFGS-B",
+                     bounds=[(1e-3, None)] + [(None, None)] * n_classes).x
+    return float(theta[0]), theta[1:] - theta[1:].mean()
+
+
+def calibrated(posteriors, inverse_temperature: float, bias: np.ndarray) -> sp.csr_matrix:
+    """``softmax(log p / T + b)`` over each image's support (sparse, rows summing to 1)."""
+    m = _log_support(posteriors)
+    if not m.nnz:
+        return m
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    m.data = _softmax_rows(rows, m.shape[0], inverse_temperature * np.log(m.data) + bias[m.indices])
+    return m
 
 
 def bootstrap(methods: tuple[str, ...], group: Predictions, n_classes: int, validation: Predictions | None = None,
