@@ -14,9 +14,10 @@ the sum over its distinct samples (a sample = the same source, time, position, d
 volume), so that 500 images of one bin add its volume once.
 
 With a model's predictions, ``correct`` (``pcc``, ``acc`` or ``pacc``, see ``pzscale.ml.quantification``)
-adds counts corrected for the classifier's errors: per cell, the composition of its classified images estimated
-from their summed posteriors or predicted bins (below ``min_prob``: the unknown bin, given back to the taxa they
-come from) and the model's confusion on its validation split, times the images. The statistics of a cell are
+adds counts corrected for the classifier's errors: per cell, the composition of its classified images over the
+model's classes estimated from their summed posteriors or predicted bins (below ``min_prob``: the unknown bin,
+given back to the classes they come from) and the model's confusion on its validation split, summed into the
+rank's taxa (so that every rank adds up to the same estimate), times the images. The statistics of a cell are
 sums, gathered as per-shard tables like the counts; ``em`` needs each image's posterior at once (``pzscale
 quantify --by``). The taxa are then the model's at the rank.
 
@@ -244,16 +245,16 @@ def abundance(
     present = cat.arrays()
     args = (rank, model, min_prob, present)
     _points(cat, 0, 0, *args)  # a rank or model without its arrays fails before any pass
-    correction, rates, model_taxa = None, None, np.zeros(0, dtype=object)
-    if correct is not None:
-        model_rank = None if rank == "lineage" else rank
-        prefixes, _ = q.taxa_of(list(classes), model_rank)
+    correction, rates, model_taxa, class_names = None, None, np.zeros(0, dtype=object), None
+    if correct is not None:  # estimated over the model's classes, then summed into the rank's taxa
+        prefixes, class_taxon = q.taxa_of(list(classes), None if rank == "lineage" else rank)
         model_taxa = _display_names(prefixes, rank)
-        correction = (list(classes), model_rank, len(prefixes))
+        class_names = model_taxa[class_taxon]
+        correction = (list(classes), None, len(classes))
         val = None if correct == "pcc" else q.validation_predictions(
-            validation or cat, model, list(classes), model_rank, validation_split, (correct,), min_prob,
-            storage_options, client)
-        rates = q.summed_rates(correct, val, len(prefixes))
+            validation or cat, model, list(classes), None, validation_split, (correct,), min_prob, storage_options,
+            client)
+        rates = q.summed_rates(correct, val, len(classes))
     scans = map_shards(_scan_shard, cat, *args, client=client)
     taxa = np.array(sorted(set().union(*(taxa for taxa, _, _ in scans), model_taxa)), dtype=object)
     extents = np.array([extent for _, extent, _ in scans if extent is not None])
@@ -284,7 +285,7 @@ def abundance(
     counts = {name: total.reshape(len(taxa), *grid) for name, total in counts.items()}
     result = _assemble(counts, images.reshape(grid), volume, taxa, time_edges, lat_edges, lon_edges)
     if correct is not None:
-        _add_corrected(result, sums, correct, rates, model_taxa, taxa)
+        _add_corrected(result, sums, correct, rates, class_names, taxa)
     result.attrs = {
         "catalog": grids.redact(url), "rank": rank, "taxonomy": f"model {model}" if model else "annotations",
         "min_prob": min_prob if model else None, "cell_deg": cell_deg, "time_bin": time_bin,
@@ -310,10 +311,11 @@ def _display_names(prefixes: list[str], rank: str) -> np.ndarray:
     return np.where(short, np.array(prefixes, dtype=object), names).astype(object)
 
 
-def _add_corrected(result: xr.Dataset, sums: list[dict], method: str, rates: np.ndarray, model_taxa: np.ndarray,
+def _add_corrected(result: xr.Dataset, sums: list[dict], method: str, rates: np.ndarray, class_names: np.ndarray,
                    taxa: np.ndarray) -> None:
     """``count_corrected`` and ``concentration_corrected`` from the per-shard cell sums: per cell, the composition
-    by ``method`` times its classified images (all of them, or those with a volume, per litre)."""
+    over the model's classes by ``method``, summed into the taxa (``class_names``: each class's taxon), times the
+    cell's classified images (all of them, or those with a volume, per litre)."""
     shape = (len(taxa), *result["images"].shape)
     corrected = np.full((len(taxa), int(np.prod(shape[1:]))), np.nan, dtype=np.float32)
     volumetric = np.full_like(corrected, np.nan)
@@ -325,7 +327,7 @@ def _add_corrected(result: xr.Dataset, sums: list[dict], method: str, rates: np.
             stacked = np.concatenate([s[key] for s in sums])
             total[key] = np.zeros((len(cells), *stacked.shape[1:]))
             np.add.at(total[key], inverse, stacked)
-        to_axis = np.searchsorted(taxa, model_taxa)  # model taxa sharing a name are summed
+        to_axis = np.searchsorted(taxa, class_names)  # classes of one taxon (or of taxa sharing a name) summed
         for i, c in enumerate(cells):
             proportion = np.bincount(to_axis, q.composition_of_sums(method, total["bins"][i], total["posteriors"][i],
                                                                      rates), minlength=len(taxa))

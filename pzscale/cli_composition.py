@@ -79,6 +79,8 @@ def quantify(
                                          "instrument, time...")],
     out: Annotated[str, typer.Option(help="CSV to write (path or URL)")],
     rank: Annotated[str | None, typer.Option(help="kingdom ... species (default: the model's own classes)")] = None,
+    rollup: Annotated[bool, typer.Option(
+        help="estimate over the model's classes and sum up to every rank (a rank column; ranks add up)")] = False,
     method: Annotated[str, typer.Option(help="comma-separated: cc, pcc, acc, pacc, em")] = "cc,pcc,acc,pacc,em",
     min_prob: Annotated[float, typer.Option(help="predictions below this probability count as 'unknown'")] = 0.5,
     bin_by: Annotated[str | None, typer.Option(
@@ -107,7 +109,7 @@ def quantify(
     card = ModelCard.load(model)
     number = _number_or_none(bin_by)
     with start_client(scheduler, workers) as client:
-        table = run(catalog_url, card.id, card.classes, by, rank=rank,
+        table = run(catalog_url, card.id, card.classes, by, rank=rank, rollup=rollup,
                     methods=tuple(m.strip() for m in method.split(",") if m.strip()), min_prob=min_prob,
                     bin_by=bin_by if number is None else number, validation=validation,
                     validation_split=validation_split, rounds=rounds, level=level,

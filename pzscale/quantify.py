@@ -35,7 +35,7 @@ from distributed import Client
 from pzscale import tables
 from pzscale.errors import CatalogError, InputError
 from pzscale.ml import quantification as q
-from pzscale.schema import SPLIT, STATUS_OK, embedding_name, prediction_name
+from pzscale.schema import RANKS, SPLIT, STATUS_OK, embedding_name, prediction_name
 from pzscale.stage import Catalog, map_shards
 
 log = logging.getLogger("pzscale")
@@ -48,11 +48,16 @@ VOLUME_COLUMNS = ("sample", "volume_analysed", "qc", "source", "instrument")
 def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, rank: str | None = None,
              methods: tuple[str, ...] = q.METHODS, min_prob: float = 0.5, bin_by: str | float | None = None,
              validation: str | Catalog | None = None, validation_split: str = "val", rounds: int = 100,
-             level: float = 0.9, seed: int = 0, keep_suspect_volumes: bool = False, out_csv: str | None = None,
+             level: float = 0.9, rollup: bool = False, seed: int = 0, keep_suspect_volumes: bool = False,
+             out_csv: str | None = None,
              out_zarr: str | None = None, storage_options: dict | None = None, client: Client | None = None
              ) -> pd.DataFrame:
     """Composition of every group of ``by`` under model ``model`` (its id; ``classes`` from its card), one row
-    per group, taxon and method (``COLUMNS``); written to ``out_csv`` and ``out_zarr`` when given."""
+    per group, taxon and method (``COLUMNS``); written to ``out_csv`` and ``out_zarr`` when given. ``rollup``:
+    estimated once over the model's classes and summed up to every rank (estimates and bootstrap draws alike),
+    with a ``rank`` column (``label``: the model's classes; kingdom ... species), so that the ranks add up."""
+    if rollup and rank is not None:
+        raise InputError("rollup estimates at the model's classes and sums up to every rank: give no rank")
     bad = [m for m in methods if m not in q.METHODS]
     if bad or not methods:
         raise InputError(f"methods {bad or '(none)'}: choose from {', '.join(q.METHODS)}")
@@ -73,23 +78,31 @@ def quantify(url: str | Catalog, model: str, classes: list[str], by: str, *, ran
                     ", ".join(f"{s} {volumes.loc[s, 'volume_qc']}" for s in suspect[:10])
                     + (" ..." if len(suspect) > 10 else ""))
     keys = q.group_keys(by, data["group"], bin_by)
+    levels = [("label", list(classes), None), *((r, *q.taxa_of(classes, r)) for r in RANKS)] if rollup \
+        else [(rank, taxa, None)]
     frames = []
     for key, rows in q.group_rows(keys).items():
         group = q.predictions_of(data, len(taxa), min_prob, rows)
         point = q.composition(methods, group, len(taxa), val)
-        intervals = q.bootstrap(methods, group, len(taxa), val, rounds=rounds, level=level, seed=seed, point=point) \
-            if rounds else {m: (np.full(len(taxa) + 1, np.nan),) * 2 for m in methods}
+        draws = q.bootstrap_draws(methods, group, len(taxa), val, rounds=rounds, seed=seed, point=point) \
+            if rounds else None
         volume_l, volume_qc = _volume_l(data["sample"][rows], volumes, keep_suspect_volumes)
-        for method, proportion in point.items():
-            low, high = intervals[method]
-            shown = np.flatnonzero(~np.isnan(proportion))
-            count = proportion[shown] * len(rows)
-            frames.append(pd.DataFrame({
-                by: key, "taxon": np.array([*taxa, UNKNOWN], dtype=object)[shown], "method": method,
-                "images": len(rows), "count": count, "proportion": proportion[shown], "ci_low": low[shown],
-                "ci_high": high[shown], "volume_l": volume_l, "concentration_per_l": count / volume_l,
-                "volume_qc": volume_qc}))
-    table = pd.concat(frames, ignore_index=True)[[by, *COLUMNS]]
+        for rank_name, level_taxa, class_taxon in levels:
+            for method, proportion in point.items():
+                if class_taxon is not None:  # rolled up from the classes: every rank adds up to the same estimate
+                    proportion = q.rolled_up(proportion, class_taxon, len(level_taxa))
+                low, high = (np.full(len(level_taxa) + 1, np.nan),) * 2 if draws is None else q.interval(
+                    draws[method] if class_taxon is None else q.rolled_up(draws[method], class_taxon,
+                                                                          len(level_taxa)), level)
+                shown = np.flatnonzero(~np.isnan(proportion))
+                count = proportion[shown] * len(rows)
+                frames.append(pd.DataFrame({
+                    by: key, **({"rank": rank_name} if rollup else {}),
+                    "taxon": np.array([*level_taxa, UNKNOWN], dtype=object)[shown], "method": method,
+                    "images": len(rows), "count": count, "proportion": proportion[shown], "ci_low": low[shown],
+                    "ci_high": high[shown], "volume_l": volume_l, "concentration_per_l": count / volume_l,
+                    "volume_qc": volume_qc}))
+    table = pd.concat(frames, ignore_index=True)[[by, *(["rank"] if rollup else []), *COLUMNS]]
     if out_csv:
         with fsspec.open(out_csv, "w", newline="", **(storage_options or {})) as fh:
             tables.write_csv(table, fh)
@@ -116,7 +129,7 @@ def _volume_l(samples: np.ndarray, volumes: pd.DataFrame, keep_suspect: bool) ->
 def to_dataset(table: pd.DataFrame, by: str) -> xr.Dataset:
     """The table as a Dataset (``by`` x taxon x method): proportion, count, ci_low, ci_high, concentration_per_l;
     images, volume_l and volume_qc per group."""
-    indexed = table.set_index([by, "taxon", "method"])
+    indexed = table.set_index([by, *(["rank"] if "rank" in table else []), "taxon", "method"])
     ds = xr.Dataset.from_dataframe(indexed[["proportion", "count", "ci_low", "ci_high", "concentration_per_l"]])
     per_group = table.drop_duplicates(by).set_index(by)
     ds["images"] = xr.DataArray(per_group["images"].reindex(ds[by].values).to_numpy(), dims=[by])
@@ -127,6 +140,8 @@ def to_dataset(table: pd.DataFrame, by: str) -> xr.Dataset:
         ds[by] = ds[by].astype(str)
     ds["taxon"] = ds["taxon"].astype(str)
     ds["method"] = ds["method"].astype(str)
+    if "rank" in ds.dims:
+        ds["rank"] = ds["rank"].astype(str)
     return ds
 
 

@@ -306,3 +306,98 @@ def test_abundance_corrects_each_cell_as_quantify_would_and_tells_zero_from_no_d
     bad = CliRunner().invoke(app, ["abundance", "--catalog", url, "--model", card.id, "--correct", "acc",
                                    "--scheduler", client.scheduler.address])
     assert bad.exit_code == 1 and "model directory" in bad.output
+
+
+def test_concentrations_of_real_ifcb_bins_match_volumes_from_their_own_files(client, tmp_path):
+    """Four real IFCB bins (three instruments, schemas 1 and 2) ingested and 'classified': each bin's volume_l is
+    0.25 mL/min x (run time - inhibit time) read here straight from its files (the last ADC line, the header
+    where the instrument's run went on after it; schema 1: pyifcb's reference value), and its
+    concentrations are its counts over that volume."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    bins = {"pyifcb/data/2012/IFCB5_2012_028/IFCB5_2012_028_081515": None,
+            "pyifcb/white/D2013/D201305/D20130526/D20130526T095207_IFCB013": None,
+            "irfcb/test_data/data/D20220522T003051_IFCB134": None,
+            "classipyr/test_data/raw/2022/D20220522/D20220522T000439_IFCB134": None}
+    raw = tmp_path / "bins"
+    raw.mkdir()
+    for path in bins:
+        for ext in (".adc", ".hdr", ".roi"):
+            (raw / (Path(path).name + ext)).write_bytes((data / (path + ext)).read_bytes())
+        if "IFCB5_2012" in path:
+            bins[path] = 0.003391470833333334  # pyifcb's ml_analyzed of this schema-1 bin
+            continue
+        last = (data / f"{path}.adc").read_text().splitlines()[-1].split(",")
+        from_adc = 0.25 * (float(last[22]) - float(last[23])) / 60
+        header = dict(line.split(":", 1) for line in (data / f"{path}.hdr").read_text(encoding="latin-1")
+                      .splitlines() if ":" in line)
+        from_hdr = 0.25 * (float(header["runTime"]) - float(header["inhibitTime"])) / 60
+        assert from_hdr == pytest.approx(from_adc, rel=0.05)  # the run goes on a little after the last trigger
+        bins[path] = from_hdr
+    url = str(tmp_path / "catalog.zarr")
+    from pzscale.ingest import ingest
+
+    ingest([str(raw)], url, format="ifcb", shard_len=64, client=client, progress=False)
+    group = catalog.open_group(url, mode="r+")
+    rows = catalog.n_rows_of(group)
+    classes = ["Chromista Bacillariophyta", "Protozoa Ciliophora"]
+    card = ModelCard(name="two", version="1", kind="builtin", architecture="none", embed_dim=8, image_size=32,
+                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), classes=classes)
+    probs = np.random.default_rng(0).dirichlet([1, 1], rows)
+    n = names(card)
+    out = predictions(probs, classes, top_k=2)
+    for key, values in out.items():
+        text = values.dtype == object
+        trailing, dims = ((2,), (n["k"],)) if key.startswith("topk") else ((), ())
+        catalog.ensure_array(group, n[key], dtype="str" if text else "float32", fill="" if text else np.nan,
+                             trailing=trailing, dims=dims)
+        catalog.write_arrays(group, 0, rows, {n[key]: values if text else values.astype(np.float32)})
+    table = quantify(url, card.id, classes, "sample", methods=("cc",), min_prob=0.0, rounds=0, client=client)
+    assert len(table) == 3 * len(bins)  # two taxa and the unknown bin per bin
+    for path, ml in bins.items():
+        mine = table[table["sample"] == Path(path).name]
+        assert set(mine["volume_qc"]) == {"ok"}
+        np.testing.assert_allclose(mine["volume_l"], ml / 1000, rtol=1e-6)
+        np.testing.assert_allclose(mine["concentration_per_l"], mine["count"] / (ml / 1000), rtol=1e-6)
+
+
+def test_rollup_adds_up_from_the_classes_to_the_kingdom(predicted, client, tmp_path):
+    """--rollup: one estimate over the model's classes summed into every rank (estimates and bootstrap draws), so
+    each rank's proportions are sums of the classes beneath; abundance --correct sums the same way."""
+    from pzscale.abundance import abundance
+    from pzscale.schema import RANKS
+
+    url, card, model_dir = predicted
+    out = tmp_path / "rollup.csv"
+    result = CliRunner().invoke(app, ["quantify", "--catalog", url, "--model", str(model_dir), "--by", "source",
+                                      "--rollup", "--method", "cc,acc,em", "--rounds", "20", "--out", str(out),
+                                      "--zarr", str(tmp_path / "rollup.zarr"),
+                                      "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns[:2]) == ["source", "rank"] and set(table["rank"]) == {"label", *RANKS}
+    classes = table[table["rank"] == "label"]
+    for rank in RANKS:
+        depth = RANKS.index(rank) + 1
+        mine = table[(table["rank"] == rank) & (table["taxon"] != "unknown")].set_index(["source", "method", "taxon"])
+        known = classes[classes["taxon"] != "unknown"]
+        summed = known.assign(taxon=known["taxon"].str.split().str[:depth].str.join(" ")).groupby(
+            ["source", "method", "taxon"])["proportion"].sum()
+        pd.testing.assert_series_equal(mine["proportion"].sort_index(), summed.sort_index(), check_names=False,
+                                       atol=1e-9)
+        # intervals of a taxon from its summed draws: never narrower than the widest of its classes' would need
+        assert (mine["ci_low"] <= mine["proportion"] + 0.05).all() and (mine["ci_high"] >= mine["ci_low"]).all()
+    kingdoms = table[(table["rank"] == "kingdom")].groupby(["source", "method"])["proportion"].sum()
+    np.testing.assert_allclose(kingdoms, 1.0, atol=1e-9)
+    assert xr.open_zarr(str(tmp_path / "rollup.zarr"), consolidated=False)["proportion"].dims == \
+        ("source", "rank", "taxon", "method")
+    with pytest.raises(InputError, match="give no rank"):
+        quantify(url, card.id, card.classes, "source", rank="genus", rollup=True, client=client)
+    phylum, lineage = (abundance(url, rank=r, model=card.id, classes=card.classes, min_prob=0.5, cell_deg=90.0,
+                                 time_bin="1YS", correct="acc", client=client) for r in ("phylum", "lineage"))
+    by_phylum = lineage["count_corrected"].groupby(
+        xr.DataArray([" ".join(t.split()[1:2]) or t for t in lineage["taxon"].values], dims="taxon",
+                     name="phylum")).sum(min_count=1)
+    np.testing.assert_allclose(phylum["count_corrected"].sel(taxon=by_phylum["phylum"].values).values,
+                               by_phylum.values, rtol=1e-4, atol=1e-3)

@@ -240,12 +240,12 @@ def calibrated(posteriors, inverse_temperature: float, bias: np.ndarray) -> sp.c
     return m
 
 
-def bootstrap(methods: tuple[str, ...], group: Predictions, n_classes: int, validation: Predictions | None = None,
-              *, rounds: int = 100, level: float = 0.9, seed: int = 0, point: dict[str, np.ndarray] | None = None
-              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Percentile intervals (low, high) of ``composition`` per method over ``rounds`` Poisson-bootstrap rounds
-    that resample the group's images and the validation images behind the rates; ``point``: the estimates
-    without resampling when the caller has them (EM starts each round there)."""
+def bootstrap_draws(methods: tuple[str, ...], group: Predictions, n_classes: int,
+                    validation: Predictions | None = None, *, rounds: int = 100, seed: int = 0,
+                    point: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``composition`` per method over ``rounds`` Poisson-bootstrap rounds that resample the group's images and the
+    validation images behind the rates, as (rounds, n_classes + 1) arrays; ``point``: the estimates without
+    resampling when the caller has them (EM starts each round there)."""
     point = point or composition(methods, group, n_classes, validation)
     seeds = np.random.SeedSequence(seed).spawn(2)
     rng_group, rng_val = (np.random.default_rng(s) for s in seeds)
@@ -255,7 +255,26 @@ def bootstrap(methods: tuple[str, ...], group: Predictions, n_classes: int, vali
         vw = None if validation is None else rng_val.poisson(1.0, len(validation)).astype(np.float64)
         for m, p in composition(methods, group, n_classes, validation, gw, vw, start=point).items():
             draws[m].append(p)
-    return {m: interval(np.array(d), level) for m, d in draws.items()}
+    return {m: np.array(d).reshape(rounds, n_classes + 1) for m, d in draws.items()}
+
+
+def bootstrap(methods: tuple[str, ...], group: Predictions, n_classes: int, validation: Predictions | None = None,
+              *, rounds: int = 100, level: float = 0.9, seed: int = 0, point: dict[str, np.ndarray] | None = None
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Percentile intervals (low, high) per method of ``bootstrap_draws``."""
+    draws = bootstrap_draws(methods, group, n_classes, validation, rounds=rounds, seed=seed, point=point)
+    return {m: interval(d, level) for m, d in draws.items()}
+
+
+def rolled_up(proportions: np.ndarray, class_taxon: np.ndarray, n_taxa: int) -> np.ndarray:
+    """Proportions over classes (last axis; one more entry for the unknown bin, NaN where a method has none)
+    summed into their taxa at a coarser rank (``class_taxon``: each class's taxon index), unknown kept last: so
+    that every rank adds up to the same estimate."""
+    p = np.asarray(proportions, np.float64)
+    taxa = np.zeros((*p.shape[:-1], n_taxa))
+    for c, t in enumerate(class_taxon):
+        taxa[..., t] += p[..., c]
+    return np.concatenate([taxa, p[..., -1:]], axis=-1)
 
 
 def interval(draws: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
