@@ -10,8 +10,9 @@ annotation, or a model's prediction at least ``min_prob`` probable), a position 
 
 Where the sampled volume is known (IFCB: ``volume_analysed`` mL per sample) concentrations
 are given too: images of samples with a volume are counted apart, and the volume of a cell is
-the sum over its distinct samples (a sample = the same source, time, position, depths and
-volume), so that 500 images of one bin add its volume once.
+the sum over its distinct samples (the catalog's ``sample``; rows without one: the same source, time,
+position, depths and volume), so that 500 images of one bin add its volume once. Volumes are checked per
+sample as ``quantify`` checks them; suspect ones are left out unless ``keep_suspect_volumes``.
 
 With a model's predictions, ``correct`` (``pcc``, ``acc`` or ``pacc``, see ``pzscale.ml.quantification``)
 adds counts corrected for the classifier's errors: per cell, the composition of its classified images over the
@@ -37,6 +38,7 @@ data; one with images and a zero count was sampled and the taxon not found (floa
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from pzscale.ml import quantification as q
 from pzscale.schema import RANKS, STATUS_OK, TIME_FILL, predicting_models, prediction_name
 from pzscale.stage import Catalog, map_shards
 
+log = logging.getLogger("pzscale")
 TAXON_RANKS = (*RANKS, "lineage")
 ZERO_COLOUR = "0.8"  # the map's grey for cells sampled where the taxon was not found
 
@@ -125,7 +128,8 @@ def _time_edges(t0_ms: float, t1_ms: float, time_bin: str) -> pd.DatetimeIndex:
     return edges
 
 
-POINT_COLUMNS = ("status", "lat", "lon", "time", "volume_analysed", "source", "depth_min", "depth_max")
+POINT_COLUMNS = ("status", "lat", "lon", "time", "volume_analysed", "source", "depth_min", "depth_max", "sample", "qc",
+                 "instrument")
 
 
 def _taxon_arrays(rank: str, model: str | None) -> list[str]:
@@ -153,6 +157,12 @@ def _points(cat: Catalog, start: int, stop: int, rank: str, model: str | None, m
     frame["sampled"] = (frame["status"] == STATUS_OK) & frame["lat"].notna() & frame["lon"].notna() & \
         (frame["time"] != TIME_FILL) & (ds[identified].values != "" if identified in ds else False)
     frame.loc[~frame["sampled"], "taxon"] = ""
+    # a volume counts once per sample: the catalog's sample, else (older rows) its source, time, place and volume
+    where = [frame[c].astype(object).astype(str) for c in ("time", "lat", "lon", "depth_min", "depth_max",
+                                                          "volume_analysed")]
+    composite = frame["source"].astype(object).astype(str).str.cat(where, sep=" ", na_rep="nan")
+    frame["sample_key"] = np.where(frame["sample"] != "", "sample " + frame["sample"].astype(object).astype(str),
+                                   composite)
     return frame
 
 
@@ -165,8 +175,9 @@ def _scan_shard(cat: Catalog, start: int, stop: int, *args: Any) -> tuple[set, l
     extent = None if sampled.empty else [float(sampled[c].min()) for c in ("lat", "lon", "time")] + \
         [float(sampled[c].max()) for c in ("lat", "lon", "time")]
     keep = (frame["volume_analysed"] > 0) & frame["sampled"]
-    samples = frame.loc[keep, ["source", "time", "lat", "lon", "depth_min", "depth_max", "volume_analysed"]]
-    return set(counted["taxon"].unique()), extent, samples.drop_duplicates()
+    samples = frame.loc[keep, ["sample_key", "source", "instrument", "time", "lat", "lon", "volume_analysed"]]
+    samples = samples.assign(flagged=frame.loc[keep, "qc"].str.split(";").map(lambda f: q.VOLUME_FLAG in f))
+    return set(counted["taxon"].unique()), extent, samples.drop_duplicates("sample_key")
 
 
 def _cell_of(frame: pd.DataFrame, edges: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -181,14 +192,14 @@ def _cell_of(frame: pd.DataFrame, edges: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _count_shard(cat: Catalog, start: int, stop: int, rank: str, model: str | None, min_prob: float,
                  present: list[str], taxa: np.ndarray, edges: tuple[np.ndarray, ...],
-                 correction: tuple | None) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+                 correction: tuple | None, without_volume: set[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
     """Pass 2 over a shard, as small tables of the cells that occur: counts per (taxon, cell), images per cell
     and, with ``correction`` (classes, rank of the model's taxa, their number), each cell's sums for
     ``quantification.composition_of_sums``."""
     frame = _points(cat, start, stop, rank, model, min_prob, present)
     frame = frame[frame["sampled"]]
     cell = _cell_of(frame, edges)
-    volumetric = (frame["volume_analysed"] > 0).to_numpy(np.int64)
+    volumetric = ((frame["volume_analysed"] > 0) & ~frame["sample_key"].isin(without_volume)).to_numpy(np.int64)
     counted = (frame["taxon"] != "").to_numpy()
     counts = pd.DataFrame({"taxon": np.searchsorted(taxa, frame["taxon"].to_numpy(object)[counted]),
                            "cell": cell[counted], "count": 1, "count_volumetric": volumetric[counted]})
@@ -222,6 +233,7 @@ def abundance(
     classes: list[str] | None = None,
     validation: str | None = None,
     validation_split: str = "val",
+    keep_suspect_volumes: bool = False,
     out: str | None = None,
     storage_options: dict | None = None,
     out_storage_options: dict | None = None,
@@ -233,7 +245,9 @@ def abundance(
     process): taxa, extent and sampled volumes, then counts per cell that occur, summed on the
     client; the result is written to Zarr at ``out`` when given. ``correct``: also counts corrected for
     ``model``'s errors (its ``classes``, from its card), learnt from the labelled images of split
-    ``validation_split`` of ``validation`` (default: this catalog).
+    ``validation_split`` of ``validation`` (default: this catalog). Sample volumes are checked as ``quantify``
+    checks them (``quantification.sample_volumes``): a suspect one (flagged by its reader, or a robust outlier of
+    its source and instrument) is left out of the volumes and concentrations unless ``keep_suspect_volumes``.
     """
     if not cell_deg > 0:
         raise InputError(f"cell size must be > 0 degrees, not {cell_deg}")
@@ -271,15 +285,15 @@ def abundance(
     counts = {"count": np.zeros((len(taxa), np.prod(grid)), np.int64),
               "count_volumetric": np.zeros((len(taxa), np.prod(grid)), np.int64)}
     images = np.zeros(np.prod(grid), np.int64)
+    samples, without_volume = _checked_samples([samples for _, _, samples in scans], keep_suspect_volumes)
     sums = []
-    for part, effort, cell_sums in map_shards(_count_shard, cat, *args, taxa, edges, correction, client=client):
+    for part, effort, cell_sums in map_shards(_count_shard, cat, *args, taxa, edges, correction, without_volume,
+                                              client=client):
         for name, total in counts.items():
             np.add.at(total, (part["taxon"].to_numpy(), part["cell"].to_numpy()), part[name].to_numpy())
         np.add.at(images, effort["cell"].to_numpy(), effort["images"].to_numpy())
         if cell_sums is not None and len(cell_sums["cell"]):
             sums.append(cell_sums)
-    # a bin split over two shards: once
-    samples = pd.concat([samples for _, _, samples in scans], ignore_index=True).drop_duplicates()
     bins = tuple(pd.IntervalIndex.from_breaks(e, closed="left") for e in edges)
     volume = _volume_per_cell(samples, bins, lat_edges, cell_deg)
     counts = {name: total.reshape(len(taxa), *grid) for name, total in counts.items()}
@@ -290,6 +304,8 @@ def abundance(
         "catalog": grids.redact(url), "rank": rank, "taxonomy": f"model {model}" if model else "annotations",
         "min_prob": min_prob if model else None, "cell_deg": cell_deg, "time_bin": time_bin,
         "images_counted": int(result["count"].sum()), "samples_with_volume": len(samples),
+        "samples_with_suspect_volume": int(samples["suspect"].sum()) if keep_suspect_volumes else len(without_volume),
+        "keep_suspect_volumes": keep_suspect_volumes,
         "correction": correct,
         "validation": grids.redact(validation or url) if correct in ("acc", "pacc") else None,
         "description": "image counts per taxon, time bin and lat/lon cell; concentration per litre where the "
@@ -342,6 +358,25 @@ def _add_corrected(result: xr.Dataset, sums: list[dict], method: str, rates: np.
                        "image in the cell", "units": "1"})
     result["concentration_corrected"] = (dims, concentration.reshape(shape).astype(np.float32), {
         "description": f"count_corrected of samples with a known volume per litre ({method})", "units": "L-1"})
+
+
+def _checked_samples(parts: list[pd.DataFrame], keep_suspect: bool) -> tuple[pd.DataFrame, set[str]]:
+    """The distinct samples with a volume (a sample split over two shards: once) that count, and the keys of
+    those left out: suspect volumes (``quantification.sample_volumes``) unless ``keep_suspect``."""
+    samples = pd.concat(parts, ignore_index=True)
+    flagged = samples.groupby("sample_key")["flagged"].any()
+    samples = samples.drop_duplicates("sample_key").set_index("sample_key")
+    checked = q.sample_volumes(samples.index.to_numpy(), samples["volume_analysed"].to_numpy(),
+                               np.where(flagged.reindex(samples.index), q.VOLUME_FLAG, ""),
+                               samples["source"].to_numpy(), samples["instrument"].to_numpy())
+    samples["suspect"] = checked["volume_qc"].reindex(samples.index).isin(["implausible", "outlier"]).to_numpy()
+    if samples["suspect"].any():
+        log.warning("%d sample(s) with a suspect volume%s: %s", int(samples["suspect"].sum()),
+                    " (kept)" if keep_suspect else " (left out of volumes and concentrations)",
+                    ", ".join(samples.index[samples["suspect"]][:10]))
+    if keep_suspect:
+        return samples.reset_index(), set()
+    return samples[~samples["suspect"]].reset_index(), set(samples.index[samples["suspect"]])
 
 
 def _volume_per_cell(samples: pd.DataFrame, bins: tuple, lat_edges: np.ndarray, cell_deg: float) -> xr.DataArray:

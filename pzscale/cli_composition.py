@@ -37,6 +37,8 @@ def abundance(
     validation: Annotated[str | None, typer.Option(
         help="with --correct: catalog holding the model's labelled validation split (default: this one)")] = None,
     validation_split: Annotated[str, typer.Option(help="split of the validation images")] = "val",
+    keep_suspect_volumes: Annotated[bool, typer.Option(
+        help="count suspect sample volumes (flagged by their reader, or robust outliers) too")] = False,
     png: Annotated[Path | None, typer.Option(help="write a map here")] = None,
     variable: Annotated[str | None, typer.Option(
         help="variable to map (default: concentration_corrected where volumes are known, else count_corrected, "
@@ -60,7 +62,8 @@ def abundance(
     with start_client(scheduler, workers) as client:  # --out on object storage uses the catalog's storage options
         ds = run(catalog_url, rank=rank, model=card.id if card else model, min_prob=min_prob, cell_deg=cell,
                  time_bin=time_bin, correct=correct, classes=card.classes if card else None, validation=validation,
-                 validation_split=validation_split, out=out, storage_options=so, out_storage_options=so,
+                 validation_split=validation_split, keep_suspect_volumes=keep_suspect_volumes, out=out,
+                 storage_options=so, out_storage_options=so,
                  client=client)
     if png:
         if variable is None and correct:

@@ -199,6 +199,18 @@ def test_suspect_volumes_keep_their_samples_out_of_concentrations(predicted, cli
                     client=client).drop_duplicates("sample").set_index("sample")
     assert kept.loc[bins[0], "volume_l"] == pytest.approx(10 * per_bin.loc[bins[2:], "volume_l"].median(), rel=0.2)
     assert kept.loc[bins[0], "volume_qc"] == "suspect"
+    # abundance checks the same volumes: the suspect bins add no volume and no volumetric image
+    from pzscale.abundance import abundance
+
+    cells = {keep: abundance(url, rank="lineage", model=card.id, cell_deg=90.0, time_bin="1YS",
+                             keep_suspect_volumes=keep, client=client) for keep in (False, True)}
+    frame = pd.DataFrame({"sample": cols["sample"], "ml": volume}).drop_duplicates("sample").set_index("sample")
+    assert cells[False].attrs["samples_with_suspect_volume"] == 2 and cells[False].attrs["samples_with_volume"] == 4
+    assert float(cells[False]["volume_ml"].sum()) == pytest.approx(frame.loc[bins[2:], "ml"].sum(), rel=1e-6)
+    assert float(cells[True]["volume_ml"].sum()) == pytest.approx(frame.loc[bins, "ml"].sum(), rel=1e-6)
+    in_bins = cols["sample"] != ""
+    assert int(cells[True]["count_volumetric"].sum()) > int(cells[False]["count_volumetric"].sum()) > 0
+    assert int(cells[True]["count_volumetric"].sum()) <= int(in_bins.sum())
 
 
 def test_drift_ranks_first_the_group_whose_images_lie_far_from_the_training_images(predicted, client, tmp_path):
