@@ -26,6 +26,7 @@ stored predictions for them: one read task per shard, a few bytes per image on t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,7 @@ def composition(methods: tuple[str, ...], group: Predictions, n_classes: int, va
         out["pacc"] = np.r_[adjusted(probabilistic_cc(group.posteriors, group_weights), rates), unknown]
     if "em" in methods:
         priors = classify_and_count(validation.true, n_classes, validation_weights)
-        scaling = fit_calibration(validation.true, validation.posteriors, validation_weights)
+        scaling = _calibration(validation, validation_weights)
         out["em"] = np.r_[em_priors(calibrated(group.posteriors, *scaling), priors, group_weights,
                                     start=None if start is None else start["em"][:-1]), unknown]
     return out
@@ -193,11 +194,25 @@ def _log_support(posteriors) -> sp.csr_matrix:
 
 
 def _softmax_rows(rows: np.ndarray, n_rows: int, logits: np.ndarray) -> np.ndarray:
-    """Softmax of ``logits`` within the groups of entries sharing a row (``rows``: each entry's)."""
-    top = np.full(n_rows, -np.inf)
-    np.maximum.at(top, rows, logits)
-    e = np.exp(logits - top[rows])
-    return e / np.bincount(rows, weights=e, minlength=n_rows)[rows]
+    """Softmax of ``logits`` within the runs of entries sharing a row (``rows``: each entry's, sorted)."""
+    if not len(rows):
+        return logits
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    sizes = np.diff(np.r_[starts, len(rows)])
+    e = np.exp(logits - np.repeat(np.maximum.reduceat(logits, starts), sizes))
+    return e / np.repeat(np.add.reduceat(e, starts), sizes)
+
+
+_CALIBRATIONS: dict = {}  # (validation, weights digest) -> fit: a bootstrap round's fit serves every group
+
+
+def _calibration(validation: Predictions, weights: np.ndarray | None) -> tuple[float, np.ndarray]:
+    key = (id(validation), None if weights is None else hashlib.blake2b(np.ascontiguousarray(weights)).digest())
+    if key not in _CALIBRATIONS:
+        if len(_CALIBRATIONS) > 512:
+            _CALIBRATIONS.clear()
+        _CALIBRATIONS[key] = (validation, fit_calibration(validation.true, validation.posteriors, weights))
+    return _CALIBRATIONS[key][1]
 
 
 def fit_calibration(true: np.ndarray, posteriors, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
