@@ -164,3 +164,26 @@ def test_calibration_undoes_an_overconfident_temperature_and_helps_em(shifted):
     raw = q.absolute_error(q.em_priors(sp.csr_matrix(sharp_group.posteriors), priors), truth)
     fixed = q.composition(("em",), sharp_group, 3, sharp_val)["em"][:3]
     assert q.absolute_error(fixed, truth) < 0.02 < raw
+
+
+def test_each_method_on_a_case_worked_by_hand():
+    """Two classes. Validation: class 0 called 0,0,0,1 and class 1 called 1,1,1,0 (rates 0.75/0.25), mean
+    posteriors 0.7/0.3 per true class. The group: called 0,0,0,1 with posteriors 0.8, 0.8, 0.6, 0.4 for class 0.
+    cc = 3/4; pcc = mean posterior 0.65; acc solves 0.75 p + 0.25 (1 - p) = 0.75: p = 1; pacc solves
+    0.7 p + 0.3 (1 - p) = 0.65: p = 0.875; em's fixed point is the maximum of the group's likelihood
+    sum_i log(sum_c p_ic pi_c / 0.5), found here by a bounded scalar search."""
+    from scipy.optimize import minimize_scalar
+
+    val_post = np.array([[0.9, 0.1], [0.7, 0.3], [0.7, 0.3], [0.5, 0.5], [0.3, 0.7], [0.3, 0.7], [0.1, 0.9],
+                         [0.5, 0.5]])
+    validation = q.Predictions(np.array([0, 0, 0, 1, 1, 1, 1, 0]), val_post, np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    post = np.array([[0.8, 0.2], [0.8, 0.2], [0.6, 0.4], [0.4, 0.6]])
+    group = q.Predictions(np.array([0, 0, 0, 1]), post)
+    found = q.composition(("cc", "pcc", "acc", "pacc"), group, 2, validation)
+    np.testing.assert_allclose(found["cc"], [0.75, 0.25, 0.0])
+    np.testing.assert_allclose(found["pcc"][:2], [0.65, 0.35])
+    np.testing.assert_allclose(found["acc"][:2], [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(found["pacc"][:2], [0.875, 0.125], atol=1e-6)
+    best = minimize_scalar(lambda p: -np.log(post @ np.array([p, 1 - p]) / 0.5).sum(), bounds=(0, 1),
+                           method="bounded", options={"xatol": 1e-9}).x
+    np.testing.assert_allclose(q.em_priors(post, np.array([0.5, 0.5]), tol=1e-10), [best, 1 - best], atol=1e-5)
