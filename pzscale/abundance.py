@@ -158,11 +158,11 @@ def _points(cat: Catalog, start: int, stop: int, rank: str, model: str | None, m
         (frame["time"] != TIME_FILL) & (ds[identified].values != "" if identified in ds else False)
     frame.loc[~frame["sampled"], "taxon"] = ""
     # a volume counts once per sample: the catalog's sample, else (older rows) its source, time, place and volume
-    where = [frame[c].astype(object).astype(str) for c in ("time", "lat", "lon", "depth_min", "depth_max",
-                                                          "volume_analysed")]
-    composite = frame["source"].astype(object).astype(str).str.cat(where, sep=" ", na_rep="nan")
-    frame["sample_key"] = np.where(frame["sample"] != "", "sample " + frame["sample"].astype(object).astype(str),
-                                   composite)
+    frame["sample_key"] = "sample " + frame["sample"].astype(object).astype(str)
+    unnamed = (frame["sample"] == "") & (frame["volume_analysed"] > 0)
+    if unnamed.any():
+        parts = frame.loc[unnamed, ["source", "time", "lat", "lon", "depth_min", "depth_max", "volume_analysed"]]
+        frame.loc[unnamed, "sample_key"] = parts.astype(object).astype(str).agg(" ".join, axis=1)
     return frame
 
 
@@ -192,9 +192,9 @@ def _cell_of(frame: pd.DataFrame, edges: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _count_shard(cat: Catalog, start: int, stop: int, rank: str, model: str | None, min_prob: float,
                  present: list[str], taxa: np.ndarray, edges: tuple[np.ndarray, ...],
-                 correction: tuple | None, without_volume: set[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+                 classes: list[str] | None, without_volume: set[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
     """Pass 2 over a shard, as small tables of the cells that occur: counts per (taxon, cell), images per cell
-    and, with ``correction`` (classes, rank of the model's taxa, their number), each cell's sums for
+    and, with ``classes`` (the model's, for a correction), each cell's sums over them for
     ``quantification.composition_of_sums``."""
     frame = _points(cat, start, stop, rank, model, min_prob, present)
     frame = frame[frame["sampled"]]
@@ -205,9 +205,9 @@ def _count_shard(cat: Catalog, start: int, stop: int, rank: str, model: str | No
                            "cell": cell[counted], "count": 1, "count_volumetric": volumetric[counted]})
     effort = pd.DataFrame({"cell": cell, "images": 1}).groupby("cell", as_index=False).sum()
     sums = None
-    if correction is not None:
-        classes, model_rank, n_taxa = correction
-        data = q.shard_predictions(cat, start, stop, model, classes, model_rank, None, (), False)
+    if classes is not None:
+        n_taxa = len(classes)
+        data = q.shard_predictions(cat, start, stop, model, classes, None, None, (), False)
         where = pd.Series(np.arange(len(frame)), index=frame.index.to_numpy() + start).reindex(data["row"])
         keep = where.notna().to_numpy()  # classified and sampled
         local = where.to_numpy()[keep].astype(np.int64)
@@ -259,12 +259,11 @@ def abundance(
     present = cat.arrays()
     args = (rank, model, min_prob, present)
     _points(cat, 0, 0, *args)  # a rank or model without its arrays fails before any pass
-    correction, rates, model_taxa, class_names = None, None, np.zeros(0, dtype=object), None
+    rates, model_taxa, class_names = None, np.zeros(0, dtype=object), None
     if correct is not None:  # estimated over the model's classes, then summed into the rank's taxa
         prefixes, class_taxon = q.taxa_of(list(classes), None if rank == "lineage" else rank)
         model_taxa = _display_names(prefixes, rank)
         class_names = model_taxa[class_taxon]
-        correction = (list(classes), None, len(classes))
         val = None if correct == "pcc" else q.validation_predictions(
             validation or cat, model, list(classes), None, validation_split, (correct,), min_prob, storage_options,
             client)
@@ -287,8 +286,8 @@ def abundance(
     images = np.zeros(np.prod(grid), np.int64)
     samples, without_volume = _checked_samples([samples for _, _, samples in scans], keep_suspect_volumes)
     sums = []
-    for part, effort, cell_sums in map_shards(_count_shard, cat, *args, taxa, edges, correction, without_volume,
-                                              client=client):
+    for part, effort, cell_sums in map_shards(_count_shard, cat, *args, taxa, edges,
+                                              list(classes) if correct else None, without_volume, client=client):
         for name, total in counts.items():
             np.add.at(total, (part["taxon"].to_numpy(), part["cell"].to_numpy()), part[name].to_numpy())
         np.add.at(images, effort["cell"].to_numpy(), effort["images"].to_numpy())

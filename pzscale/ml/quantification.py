@@ -203,16 +203,17 @@ def _softmax_rows(rows: np.ndarray, n_rows: int, logits: np.ndarray) -> np.ndarr
     return e / np.repeat(np.add.reduceat(e, starts), sizes)
 
 
-_CALIBRATIONS: dict = {}  # (validation, weights digest) -> fit: a bootstrap round's fit serves every group
+_CALIBRATIONS: dict = {}  # weights digest -> fit, for one validation set: a bootstrap round's fit serves every group
 
 
 def _calibration(validation: Predictions, weights: np.ndarray | None) -> tuple[float, np.ndarray]:
-    key = (id(validation), None if weights is None else hashlib.blake2b(np.ascontiguousarray(weights)).digest())
+    if _CALIBRATIONS.get("validation") is not validation:  # only the latest validation set is held
+        _CALIBRATIONS.clear()
+        _CALIBRATIONS["validation"] = validation
+    key = None if weights is None else hashlib.blake2b(np.ascontiguousarray(weights)).digest()
     if key not in _CALIBRATIONS:
-        if len(_CALIBRATIONS) > 512:
-            _CALIBRATIONS.clear()
-        _CALIBRATIONS[key] = (validation, fit_calibration(validation.true, validation.posteriors, weights))
-    return _CALIBRATIONS[key][1]
+        _CALIBRATIONS[key] = fit_calibration(validation.true, validation.posteriors, weights)
+    return _CALIBRATIONS[key]
 
 
 def fit_calibration(true: np.ndarray, posteriors, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
