@@ -136,3 +136,17 @@ def test_files_and_truth_are_the_same_for_any_number_of_workers(tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     with pytest.raises(ValueError, match="workers"):
         synth(tmp_path / "bad", images=10, workers=0)
+
+
+@pytest.mark.parametrize("shape", [(37, 91), (1, 1), (3, 500), (64, 48, 3), (1, 1, 3)])
+def test_png_writer_decodes_to_the_same_pixels_with_pil(shape):
+    from pzscale.synth import encode, png
+
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    with Image.open(io.BytesIO(png(pixels))) as img:
+        img.load()
+        assert img.format == "PNG" and img.mode == ("L" if len(shape) == 2 else "RGB")
+        assert np.array_equal(np.asarray(img), pixels)
+    assert encode(Image.fromarray(pixels), "PNG") == png(pixels)  # the originals' PNGs are ours
+    with Image.open(io.BytesIO(encode(Image.fromarray(pixels), "PNG", compress_level=9))) as img:
+        assert np.array_equal(np.asarray(img), pixels)  # options: PIL's encoder
