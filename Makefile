@@ -32,8 +32,8 @@ bench-gpu: $(STAMP)
 bench-embed: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --images 384 --repeats 2
 
-# 1,048,576 images end to end against 131,072 (about 1.5 hours on 2 cores the first time: synthesising the
-# images), then the near-duplicate search in one process at 1M, 2M and 4M pHashes (about 20 minutes)
+# 1,048,576 images end to end against 131,072 (about 45 minutes on 2 cores the first time, 10 of them
+# synthesising the images), then the near-duplicate search in one process at 1M, 2M and 4M pHashes (about 20 minutes)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_near.py --in-process --variants 1 2 4

@@ -17,7 +17,7 @@ Side by side at the largest size, in the same run:
 
 Near-duplicate search at 1M-16.8M hashes is ``bench_near.py`` (on 2 workers, or ``--in-process``); it merges its
 figures into the summary written here. Writes ``results/scale--<host>--cpu.json``.
-Run: ``make bench-scale`` (about 1.5 hours on 2 cores the first time, most of it synthesising the images).
+Run: ``make bench-scale`` (about 45 minutes on 2 cores the first time, 10 of them synthesising the images).
 """
 
 from __future__ import annotations
