@@ -1,4 +1,4 @@
-"""Pixel decoding and the model-ready letterbox view. Plain functions on bytes and arrays.
+"""Pixel decoding, the model-ready letterbox view and a fast PNG encoder. Plain functions on bytes and arrays.
 
 Every decode first checks the size the image declares against ``limits.current()``, so a
 decompression bomb (a few bytes declaring 100000 x 100000 pixels) fails before any pixel
@@ -8,7 +8,9 @@ memory is taken, with a message naming the limit.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -174,3 +176,25 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     lo, hi = float(pixels.min()), float(pixels.max())
     scaled = (pixels.astype(np.float64) - lo) / (hi - lo or 1.0)
     return np.round(scaled * 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A PNG of 8-bit grey (h, w) or RGB (h, w, 3) pixels: PNG's Sub filter on every row, deflated by Huffman
+    coding alone (sensor noise leaves LZ77 matching little to find); ``pzscale synth``'s PNGs.
+
+    3-4x faster than PIL's encoder at level 1 (which tries five filters on every row), as small on grey images
+    (10% larger on tinted RGB ones); PIL decodes it to the same pixels (tested).
+    """
+    h, w = pixels.shape[:2]
+    step = 1 if pixels.ndim == 2 else 3  # bytes per pixel: Sub takes each byte less the same byte one pixel left
+    flat = pixels.reshape(h, -1)
+    rows = np.empty((h, 1 + flat.shape[1]), np.uint8)
+    rows[:, 0] = 1  # filter type: Sub
+    rows[:, 1 : 1 + step] = flat[:, :step]
+    np.subtract(flat[:, step:], flat[:, :-step], out=rows[:, 1 + step :])  # modulo 256, as PNG wants
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
+    data = deflate.compress(rows.tobytes()) + deflate.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)  # colour type: grey, RGB
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        for kind, body in ((b"IHDR", header), (b"IDAT", data), (b"IEND", b"")))

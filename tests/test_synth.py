@@ -140,7 +140,8 @@ def test_files_and_truth_are_the_same_for_any_number_of_workers(tmp_path):
 
 @pytest.mark.parametrize("shape", [(37, 91), (1, 1), (3, 500), (64, 48, 3), (1, 1, 3)])
 def test_png_writer_decodes_to_the_same_pixels_with_pil(shape):
-    from pzscale.synth import encode, png
+    from pzscale.images import encode_png as png
+    from pzscale.synth import encode
 
     pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     with Image.open(io.BytesIO(png(pixels))) as img:
