@@ -41,7 +41,6 @@ INK = (30, 120)  # the drawn forms' grey range on the paper
 TEXTURE, TEXTURE_SCALE = 0.15, (10, 20)  # blotch contrast inside bodies; blob size as 1/scale of the object
 UNEVEN, UNEVEN_SCALE = 24, (12, 24)  # background mottling, grey levels (1 sd); blob size as 1/scale of the ROI
 SLOPE = (0, 30)  # background gradient across the ROI, grey levels
-
 MARGIN = (0.01, 0.1)  # padding of each side, as a fraction of the object's size along that axis
 # The camera: a Gaussian blur of sigma 0.6 px as a 3 x 3 kernel (PIL's GaussianBlur is three box passes, 1.7x the
 # time), then sensor noise, uniform over +-NOISE grey levels (sd 4.3; a normal draw costs 7x an integer one).
@@ -177,15 +176,15 @@ def _low_frequency(h: int, w: int, scale: float, rng: np.random.Generator) -> np
     coarse = rng.standard_normal((gh, gw), dtype=np.float32)
     # standardised on the grid; bicubic upsampling of white noise keeps ~0.62 of its variance
     flat = coarse.ravel()
-    centred = flat - flat.sum() / flat.size  # as coarse.mean() and .std(), a third of the time on ~100 values
+    centred = flat - flat.sum() / flat.size  # as .mean() and .std(), with fewer numpy calls on ~100 values
     coarse = (centred * np.float32(1 / (0.79 * (math.sqrt(centred @ centred / flat.size) + 1e-6)))).reshape(gh, gw)
     # one cell of margin on every side: the field near the edges is as smooth as inside
     box = (1.0, 1.0, 1.0 + w / cell, 1.0 + h / cell)
     return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC, box=box))
 
 
-# Which grey levels of a drawing are the object (transmission off 1 by more than 2%): a lookup per pixel.
-_OBJECT = math.floor(0.02 * PAPER) + 1  # grey levels off the paper that are object (transmission off by > 2%)
+# A drawing's object: pixels at least this many grey levels off the paper (transmission off 1 by more than 2%).
+_OBJECT = math.floor(0.02 * PAPER) + 1
 _TRANSMISSION = np.arange(256, dtype=np.float32) / PAPER
 
 
@@ -265,6 +264,7 @@ SOURCES = {
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    """``img`` as ``fmt`` bytes: a PNG without options by ``encode_png`` (3-4x faster), anything else by PIL."""
     if fmt == "PNG" and not kwargs and img.mode in ("L", "RGB"):
         return encode_png(np.asarray(img))
     buf = io.BytesIO()

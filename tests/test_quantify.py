@@ -301,12 +301,17 @@ def test_abundance_corrects_each_cell_as_quantify_would_and_tells_zero_from_no_d
     with_volume = ds["volume_ml"] > 0
     assert with_volume.any() and ds["concentration_corrected"].where(~with_volume).isnull().all()
     # the map: cells sampled without the taxon grey, no data blank
-    taxon = str(ds["taxon"].values[int(np.argmin(ds["count"].sum(("time", "lat", "lon")).values))])
-    path = plot_map(ds, tmp_path / "one.png", taxon=taxon, variable="count")
+    # the taxon and time bin with the most sampled cells without that taxon
+    absent = ((ds["count"] == 0) & sampled).sum(("lat", "lon")).transpose("taxon", "time")
+    t, b = np.unravel_index(int(np.argmax(absent.values)), absent.shape)
+    taxon, when = str(ds["taxon"].values[t]), str(ds["time"].values[b])[:10]
+    assert absent.values.max() >= 2
+    path = plot_map(ds, tmp_path / "one.png", taxon=taxon, variable="count", time=when)
     from PIL import Image
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
-    assert ((rgb == [204, 204, 204]).all(axis=1)).sum() > 2000  # matplotlib's "0.8" grey: cells, not the legend
+    # matplotlib's "0.8" grey: the cells (thousands of pixels each), not the legend patch
+    assert ((rgb == [204, 204, 204]).all(axis=1)).sum() > 500 * absent.values.max()
     result = CliRunner().invoke(app, ["abundance", "--catalog", url, "--model", str(model_dir), "--rank", "lineage",
                                       "--correct", "pacc", "--min-prob", "0.5", "--cell", "60", "--time-bin", "1YS",
                                       "--png", str(tmp_path / "map.png"), "--out", str(tmp_path / "ab.zarr"),
